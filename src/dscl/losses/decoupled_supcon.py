@@ -1,0 +1,128 @@
+"""Decoupled supervised contrastive loss (DSCL, Eq. 8-9) and its SCL special case (Eq. 1).
+
+For anchor ``z_i`` the candidate set ``A_i`` holds the other queries of the batch, every key of
+the batch (including its own augmentation ``k_i``) and the valid queue entries. ``P_i`` is the
+set of candidates other than ``k_i`` with the anchor's label. With
+``log p(a | z_i) = z_i . a / tau - logsumexp_{a' in A_i}(z_i . a' / tau)``::
+
+    DSCL:  loss_i = -[alpha * log p(k_i|z_i) + (1 - alpha) / |P_i| * sum_{a in P_i} log p(a|z_i)]
+    SCL:   loss_i = -1 / (|P_i| + 1) * [log p(k_i|z_i) + sum_{a in P_i} log p(a|z_i)]
+    |P_i| = 0:  loss_i = -log p(k_i|z_i)
+
+The implementation never builds a batch-by-queue mask. Because ``sum_{a in P_i} log p(a|z_i)
+= z_i . (sum_{a in P_i} a) / tau - |P_i| logZ_i``, the positive term needs only the per-class
+sums of the candidate features; the normaliser ``logZ_i`` is one matrix product per candidate
+block followed by a log-sum-exp. Cost and memory grow with the queue only through that product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def alpha_from_beta(beta: float) -> float:
+    """The authors' parameterisation: weight 1 on ``k_i`` and ``beta / |P_i|`` on each member
+    of ``P_i``, normalised by their sum, is DSCL with ``alpha = 1 / (1 + beta)``."""
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    return 1.0 / (1.0 + beta)
+
+
+def valid_queue(queue: Tensor, queue_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the slots marked empty (label -1). Returns the queue itself when it is full."""
+    if queue_labels.numel() == 0 or bool((queue_labels >= 0).all()):
+        return queue, queue_labels
+    keep = queue_labels >= 0
+    return queue[keep], queue_labels[keep]
+
+
+def _class_sums(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Per-class sum of feature rows and per-class counts: (C, D), (C,)."""
+    sums = features.new_zeros(num_classes, features.shape[1]).index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=num_classes)
+    return sums, counts
+
+
+def decoupled_supcon_loss(
+    query: Tensor,
+    key: Tensor,
+    labels: Tensor,
+    queue: Tensor,
+    queue_labels: Tensor,
+    alpha: float | None = 0.1,
+    temperature: float = 0.07,
+) -> Tensor:
+    """Mean DSCL loss over the B anchors of a batch (SCL when ``alpha`` is None).
+
+    query: (B, D) L2-normalised anchors ``z``, carry gradient (also as candidates).
+    key: (B, D) L2-normalised keys ``k``.
+    labels: (B,) int64 class of each row of ``query`` and ``key``.
+    queue: (K, D) stored keys; queue_labels: (K,) with -1 for a slot never filled.
+
+    Keys and queue are used as given: in training they come from the momentum encoder and
+    carry no gradient, as in the method; the other queries of the batch carry theirs.
+    """
+    if query.ndim != 2 or query.shape != key.shape:
+        raise ValueError(f"query and key must both be (B, D), got {tuple(query.shape)} and {tuple(key.shape)}")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    batch = query.shape[0]
+    queue, queue_labels = valid_queue(queue, queue_labels)
+    labels = labels.long()
+    queue_labels = queue_labels.long()
+
+    scaled = query / temperature  # (B, D): every logit below is already divided by tau
+    # Normaliser over A_i = {z_b, b != i} + {k_b} + valid queue, one log-sum-exp per block.
+    self_mask = torch.eye(batch, dtype=torch.bool, device=query.device)
+    logits_qq = (scaled @ query.T).masked_fill(self_mask, float("-inf"))  # (B, B)
+    logits_qk = scaled @ key.T  # (B, B)
+    blocks = [torch.logsumexp(logits_qq, 1), torch.logsumexp(logits_qk, 1)]
+    if queue.shape[0] > 0:
+        blocks.append(torch.logsumexp(scaled @ queue.T, 1))  # (B, K) -> (B,)
+    log_z = torch.logsumexp(torch.stack(blocks, 1), 1)  # (B,)
+
+    positive_logit = logits_qk.diagonal()  # z_i . k_i / tau
+    log_p_key = positive_logit - log_z  # (B,)
+
+    # Sum of P_i's features: same-label keys, queries and queue entries, minus k_i and z_i.
+    num_classes = int(torch.cat([labels, queue_labels]).max()) + 1
+    key_sums, counts = _class_sums(torch.cat([key, queue]), torch.cat([labels, queue_labels]), num_classes)
+    query_sums, query_counts = _class_sums(query, labels, num_classes)
+    positive_sum = key_sums[labels] - key + query_sums[labels] - query  # (B, D)
+    num_positive = (counts[labels] - 1 + query_counts[labels] - 1).to(query.dtype)  # |P_i|
+    sum_log_p_positive = (scaled * positive_sum).sum(1) - num_positive * log_z  # (B,)
+
+    has_positive = num_positive > 0
+    safe_count = num_positive.clamp(min=1)
+    if alpha is None:  # SCL: weight 1 / (|P_i| + 1) on k_i and on every member of P_i
+        loss = -(log_p_key + sum_log_p_positive) / (num_positive + 1)
+    else:
+        decoupled = -(alpha * log_p_key + (1.0 - alpha) * sum_log_p_positive / safe_count)
+        loss = torch.where(has_positive, decoupled, -log_p_key)
+    return loss.mean()
+
+
+class DecoupledSupConLoss(nn.Module):
+    """Module form of :func:`decoupled_supcon_loss`.
+
+    Give ``alpha`` (the paper, default 0.1), or ``beta`` (the authors' code, alpha = 1/(1+beta)),
+    or ``alpha=None`` for the SCL baseline.
+    """
+
+    def __init__(self, alpha: float | None = 0.1, temperature: float = 0.07, beta: float | None = None):
+        super().__init__()
+        if beta is not None:
+            alpha = alpha_from_beta(beta)
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        self.alpha = alpha
+        self.temperature = temperature
+
+    def forward(self, query: Tensor, key: Tensor, labels: Tensor, queue: Tensor, queue_labels: Tensor) -> Tensor:
+        return decoupled_supcon_loss(query, key, labels, queue, queue_labels, self.alpha, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, temperature={self.temperature}"

@@ -1,0 +1,68 @@
+"""Patch-based self distillation (PBSD, Eq. 12 and 14).
+
+For patch j of anchor i the candidates are the anchor's own key ``k_i`` and the valid queue
+entries (not the other batch entries). The teacher distribution comes from the ROI-pooled patch
+feature ``c_i[j]``, the student from the feature of the cropped patch ``s_i[j]``::
+
+    t = softmax([c . k_i, c . M] / tau)         (no gradient)
+    loss = mean_{i,j} -sum(t * log_softmax([s . k_i, s . M] / tau))
+
+Written as ``logsumexp(student) - sum(t * student_logits)`` so that only one (B*L, K) matrix per
+network is formed and no mask over the queue is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .decoupled_supcon import valid_queue
+
+
+def patch_distillation_loss(
+    teacher: Tensor,
+    student: Tensor,
+    key: Tensor,
+    queue: Tensor,
+    queue_labels: Tensor,
+    temperature: float = 0.07,
+) -> Tensor:
+    """Mean PBSD loss over every patch of every anchor.
+
+    teacher: (B, L, D) normalised ROI patch features ``c`` (treated as constants).
+    student: (B, L, D) normalised features of the patch crops ``s``.
+    key: (B, D) normalised keys ``k``; queue: (K, D); queue_labels: (K,), -1 marks empty slots.
+    """
+    if teacher.shape != student.shape or teacher.ndim != 3:
+        raise ValueError(f"teacher and student must both be (B, L, D), got {tuple(teacher.shape)} and {tuple(student.shape)}")
+    if key.shape != (teacher.shape[0], teacher.shape[2]):
+        raise ValueError(f"key must be (B, D) = {(teacher.shape[0], teacher.shape[2])}, got {tuple(key.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    batch, patches, dim = student.shape
+    queue, _ = valid_queue(queue, queue_labels)
+
+    def logits(features: Tensor) -> Tensor:  # (B, L, D) -> (B*L, 1 + K)
+        own = (features * key[:, None, :]).sum(-1).reshape(-1, 1)  # (B*L, 1): c . k_i
+        rest = features.reshape(-1, dim) @ queue.T  # (B*L, K)
+        return torch.cat([own, rest], 1) / temperature
+
+    with torch.no_grad():
+        target = torch.softmax(logits(teacher.detach()), 1)  # (B*L, 1 + K)
+    student_logits = logits(student)
+    loss = torch.logsumexp(student_logits, 1) - (target * student_logits).sum(1)
+    return loss.mean()
+
+
+class PatchDistillationLoss(nn.Module):
+    """Module form of :func:`patch_distillation_loss`."""
+
+    def __init__(self, temperature: float = 0.07):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, teacher: Tensor, student: Tensor, key: Tensor, queue: Tensor, queue_labels: Tensor) -> Tensor:
+        return patch_distillation_loss(teacher, student, key, queue, queue_labels, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"

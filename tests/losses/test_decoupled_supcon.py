@@ -1,0 +1,186 @@
+"""DSCL / SCL loss against a slow per-anchor reference written from SPEC section 2."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dscl.losses import DecoupledSupConLoss, alpha_from_beta, decoupled_supcon_loss
+
+
+def reference_loss(query, key, labels, queue, queue_labels, alpha, tau):
+    """One anchor at a time, candidates listed explicitly, formula as written in the paper."""
+    batch = query.shape[0]
+    losses = []
+    for i in range(batch):
+        candidates, cand_labels, is_own_key = [], [], []
+        for b in range(batch):
+            if b != i:
+                candidates.append(query[b]); cand_labels.append(int(labels[b])); is_own_key.append(False)
+        for b in range(batch):
+            candidates.append(key[b]); cand_labels.append(int(labels[b])); is_own_key.append(b == i)
+        for m in range(queue.shape[0]):
+            if int(queue_labels[m]) >= 0:
+                candidates.append(queue[m]); cand_labels.append(int(queue_labels[m])); is_own_key.append(False)
+        logits = torch.stack([query[i] @ a / tau for a in candidates])
+        log_p = logits - torch.logsumexp(logits, 0)
+        own = [n for n, own in enumerate(is_own_key) if own][0]
+        positives = [n for n, lab in enumerate(cand_labels) if lab == int(labels[i]) and not is_own_key[n]]
+        if not positives:
+            losses.append(-log_p[own])
+        elif alpha is None:
+            weight = 1.0 / (len(positives) + 1)
+            losses.append(-weight * (log_p[own] + sum(log_p[n] for n in positives)))
+        else:
+            losses.append(-(alpha * log_p[own] + (1 - alpha) / len(positives) * sum(log_p[n] for n in positives)))
+    return torch.stack(losses).mean()
+
+
+def beta_reference(query, key, labels, queue, queue_labels, beta, tau):
+    """The authors' spelling: weight 1 on k_i, beta/|P_i| on each positive, normalised by the sum."""
+    alpha_equiv = None
+    losses = []
+    feats = torch.cat([query, key, queue])
+    for i in range(query.shape[0]):
+        total = 0.0
+        lab = torch.cat([labels, labels, queue_labels])
+        valid = lab >= 0
+        valid[i] = False  # the anchor itself is not a candidate
+        logits = (feats @ query[i]) / tau
+        log_z = torch.logsumexp(logits[valid], 0)
+        pos = valid & (lab == labels[i])
+        pos[query.shape[0] + i] = False
+        n = int(pos.sum())
+        weights = torch.zeros_like(logits)
+        weights[query.shape[0] + i] = 1.0
+        if n:
+            weights[pos] = beta / n
+        weights = weights / weights.sum()
+        total = -(weights * (logits - log_z)).sum()
+        losses.append(total)
+    return torch.stack(losses).mean()
+
+
+def random_inputs(batch=8, dim=16, queue_size=20, classes=3, empty=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    query = F.normalize(torch.randn(batch, dim, generator=g), dim=1)
+    key = F.normalize(torch.randn(batch, dim, generator=g), dim=1)
+    labels = torch.randint(0, classes, (batch,), generator=g)
+    queue = F.normalize(torch.randn(queue_size, dim, generator=g), dim=1)
+    queue_labels = torch.randint(0, classes, (queue_size,), generator=g)
+    queue_labels[torch.randperm(queue_size, generator=g)[:empty]] = -1
+    return query, key, labels, queue, queue_labels
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0, 0.0, None])
+@pytest.mark.parametrize("tau", [0.07, 0.5])
+@pytest.mark.parametrize("shape", [(8, 16, 20, 3, 5), (5, 8, 7, 10, 0), (4, 8, 0, 2, 0), (6, 8, 9, 50, 9)])
+def test_matches_reference(alpha, tau, shape):
+    batch, dim, queue_size, classes, empty = shape
+    inputs = random_inputs(batch, dim, queue_size, classes, empty, seed=batch + queue_size)
+    expected = reference_loss(*inputs, alpha=alpha, tau=tau)
+    actual = decoupled_supcon_loss(*inputs, alpha=alpha, temperature=tau)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_reference():
+    query, key, labels, queue, queue_labels = random_inputs(seed=3)
+    q1 = query.clone().requires_grad_(True)
+    q2 = query.clone().requires_grad_(True)
+    reference_loss(q1, key, labels, queue, queue_labels, 0.1, 0.07).backward()
+    decoupled_supcon_loss(q2, key, labels, queue, queue_labels, 0.1, 0.07).backward()
+    torch.testing.assert_close(q2.grad, q1.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_anchor_without_positive_gets_plain_key_term():
+    # every anchor its own class, queue empty: loss_i = -log p(k_i | z_i), for any alpha
+    query, key, _, queue, _ = random_inputs(batch=4, queue_size=6)
+    labels = torch.arange(4)
+    empty_labels = torch.full((6,), -1)
+    logits = torch.cat([query @ query.T / 0.07 - torch.eye(4) * 1e9, query @ key.T / 0.07], 1)
+    expected = -(torch.diagonal(query @ key.T) / 0.07 - torch.logsumexp(logits, 1)).mean()
+    for alpha in (0.0, 0.1, None):
+        torch.testing.assert_close(decoupled_supcon_loss(query, key, labels, queue, empty_labels, alpha=alpha), expected)
+
+
+def test_empty_slots_take_no_part():
+    query, key, labels, queue, queue_labels = random_inputs(empty=7)
+    keep = queue_labels >= 0
+    full = decoupled_supcon_loss(query, key, labels, queue, queue_labels)
+    dropped = decoupled_supcon_loss(query, key, labels, queue[keep], queue_labels[keep])
+    torch.testing.assert_close(full, dropped)
+    # changing what sits in an empty slot changes nothing
+    queue2 = queue.clone()
+    queue2[~keep] = F.normalize(torch.randn(int((~keep).sum()), queue.shape[1]), dim=1)
+    torch.testing.assert_close(decoupled_supcon_loss(query, key, labels, queue2, queue_labels), full)
+
+
+def test_alpha_one_over_p_plus_one_reproduces_scl():
+    # balanced labels so every anchor has the same |P_i| = 2*2-1 + 1 + 3 = ... computed below
+    g = torch.Generator().manual_seed(1)
+    query = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    key = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    queue = F.normalize(torch.randn(9, 8, generator=g), dim=1)
+    queue_labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    num_positive = 1 + 1 + 3  # the other query, the other key, three queue entries
+    scl = decoupled_supcon_loss(query, key, labels, queue, queue_labels, alpha=None)
+    dscl = decoupled_supcon_loss(query, key, labels, queue, queue_labels, alpha=1 / (num_positive + 1))
+    torch.testing.assert_close(dscl, scl)
+    assert not torch.allclose(decoupled_supcon_loss(query, key, labels, queue, queue_labels, alpha=0.1), scl)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 8.0, 20.0])
+def test_beta_spelling(beta):
+    inputs = random_inputs(seed=int(beta) + 7)
+    expected = beta_reference(*inputs, beta=beta, tau=0.07)
+    torch.testing.assert_close(DecoupledSupConLoss(beta=beta)(*inputs), expected, rtol=1e-5, atol=1e-5)
+    assert alpha_from_beta(8.0) == pytest.approx(1 / 9)
+
+
+@pytest.mark.parametrize("num_positive", [1, 4, 16, 64])
+def test_gradient_norm_ratio(num_positive):
+    """Eq. 6 and Eq. 10, measured: one anchor, its key, |P| same-class queue entries, many negatives.
+
+    The gradient of the loss w.r.t. a candidate a is (p(a|z) - w_a) z / tau, so its norm is the
+    size of that candidate's pull on the anchor; keys and queue are given requires_grad to read it.
+    """
+    g = torch.Generator().manual_seed(num_positive)
+    dim, negatives = 128, 4000
+    query = F.normalize(torch.randn(1, dim, generator=g), dim=1)
+    key = F.normalize(torch.randn(1, dim, generator=g), dim=1).requires_grad_(True)
+    queue = F.normalize(torch.randn(num_positive + negatives, dim, generator=g), dim=1).requires_grad_(True)
+    queue_labels = torch.cat([torch.zeros(num_positive), torch.arange(negatives) % 50 + 1]).long()
+    labels = torch.zeros(1, dtype=torch.long)
+    for alpha, expected in [(None, 1 / num_positive), (0.1, 0.1 / 0.9), (0.3, 0.3 / 0.7)]:
+        key.grad = queue.grad = None
+        decoupled_supcon_loss(query, key, labels, queue, queue_labels, alpha=alpha).backward()
+        ratio = key.grad.norm() / queue.grad[:num_positive].norm(dim=1).sum()
+        assert ratio.item() == pytest.approx(expected, rel=0.05)
+
+
+def test_optimum_probability():
+    """At the optimum p(k_i|z_i) = alpha (DSCL) and 1/(|P_i|+1) (SCL): the loss, as a function of
+    free logits, is minimised there. Checked by gradient descent on the logits of one anchor."""
+    for alpha, num_positive, expected in [(0.1, 4, 0.1), (None, 4, 1 / 5), (0.3, 9, 0.3)]:
+        logits = torch.zeros(1 + num_positive + 20, requires_grad=True)
+        opt = torch.optim.SGD([logits], lr=1.0)
+        for _ in range(2000):
+            log_p = logits - torch.logsumexp(logits, 0)
+            a = 1 / (num_positive + 1) if alpha is None else alpha
+            loss = -(a * log_p[0] + (1 - a) / num_positive * log_p[1 : 1 + num_positive].sum())
+            opt.zero_grad(); loss.backward(); opt.step()
+        assert torch.softmax(logits, 0)[0].item() == pytest.approx(expected, abs=0.01)
+
+
+def test_rejects_bad_arguments():
+    inputs = random_inputs()
+    with pytest.raises(ValueError, match="alpha"):
+        decoupled_supcon_loss(*inputs, alpha=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        decoupled_supcon_loss(*inputs, temperature=0)
+    with pytest.raises(ValueError, match="beta"):
+        DecoupledSupConLoss(beta=-1)
+    with pytest.raises(ValueError):
+        decoupled_supcon_loss(inputs[0], inputs[1][:3], *inputs[2:])
