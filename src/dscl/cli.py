@@ -1,0 +1,86 @@
+"""Command-line interface: ``dscl run | pretrain | linear | evaluate | demo | bench``.
+
+Every training command takes ``--config FILE`` (a YAML recipe), repeated ``--set key=value``
+overrides and ``--out DIR``. Errors the user can fix are printed as one message, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import DSCLError
+
+
+def _training_args(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
+    parser.add_argument("--config", type=Path, help="YAML recipe (see configs/); omitted keys keep their defaults")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. --set pretrain.epochs=10 (repeatable)")
+    parser.add_argument("--out", type=Path, required=out_required, help="output folder of the run")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dscl", description="Decoupled contrastive learning for long-tailed recognition")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in [("run", "stage 1, stage 2 and evaluation"), ("pretrain", "stage 1 only"),
+                       ("linear", "stage 2 on the stage-1 checkpoint in --out"),
+                       ("evaluate", "evaluate the stage-2 classifier in --out on the test split")]:
+        _training_args(sub.add_parser(name, help=text, description=text))
+    demo = sub.add_parser("demo", help="train ce, scl, dscl and dscl+pbsd on the embedded synthetic data and compare")
+    demo.add_argument("--out", type=Path, default=None, help="parent folder of the four runs (default runs/demo-<time>)")
+    demo.add_argument("--methods", nargs="+", default=None, help="subset of methods to run")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench = sub.add_parser("bench", help="time one stage-1 training step on generated tensors; prints JSON")
+    bench.add_argument("--config", type=Path)
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--reference", action="store_true", help="time the straightforward reference implementation")
+    bench.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
+    bench.add_argument("--warmup", type=int, default=2)
+    return parser
+
+
+def _stage_command(args) -> None:
+    from .config import load_config
+    from .engine import STAGES, run, setup, teardown
+
+    stages = {"run": STAGES, "pretrain": ("pretrain",), "linear": ("linear",), "evaluate": ("evaluate",)}[args.command]
+    config, resume = args.config, args.resume
+    if args.command in ("linear", "evaluate"):  # continue the run that stage 1 left in --out
+        saved = args.out / "config.yaml"
+        if config is None and saved.is_file():
+            config = saved
+        resume = True
+    cfg = load_config(config, args.overrides)
+    rt = setup(cfg.device)
+    try:
+        run(cfg, args.out, rt, stages=stages, resume=resume)
+    finally:
+        teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import demo
+
+            demo(args.out, args.methods, args.overrides)
+        elif args.command == "bench":
+            from .bench import bench
+
+            bench(args.config, args.overrides, reference=args.reference, steps=args.steps, warmup=args.warmup)
+        else:
+            _stage_command(args)
+    except DSCLError as exc:
+        print(f"dscl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dscl: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Run configuration: typed defaults, YAML recipes, ``--set key=value`` overrides, validation.
+
+A recipe is a YAML mapping whose keys mirror the dataclasses below; anything it leaves out
+keeps its default. Unknown keys, values of the wrong type and values out of range raise
+:class:`ConfigError` naming the dotted key (and the file). Only the engine and the CLI read a
+config; library code takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+METHODS = ("ce", "scl", "dscl", "scl+pbsd", "dscl+pbsd")
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    root: str | None = None
+    imbalance_ratio: float | None = 100.0
+    download: bool = False
+    val_per_class: int = 0
+    image_size: int | None = None  # None: the data set's native size (32 for CIFAR / synthetic, else 224)
+    num_workers: int = 0
+    skip_bad_images: bool = False
+    synthetic_classes: int = 10
+    synthetic_n_max: int = 500
+    synthetic_eval_per_class: int = 100
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet32"
+    pretrained: str | None = None  # local weights file, or "torchvision" to download ImageNet weights
+    train_last_stage_only: bool = False
+    feature_dim: int = 128
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 1: the representation (for ``ce``: the whole network, end to end)."""
+
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 0.1  # for a batch of 256; scaled linearly with batch_size
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 10
+    queue_size: int = 65536
+    ema_momentum: float = 0.999
+    temperature: float = 0.07
+    alpha: float | None = 0.1
+    beta: float | None = None  # the authors' spelling; when set, alpha = 1 / (1 + beta)
+    pbsd_weight: float = 1.5
+    num_patches: int = 5
+    patch_size: int | None = None  # None: 64 at 224 px, S / 2 below
+    patch_scale: tuple[float, float] = (0.05, 0.6)
+    crop_scale: tuple[float, float] | None = None  # None: (0.08, 1) at 224 px, (0.2, 1) below
+    key_bn_groups: int = 8
+    steps_per_epoch: int | None = None  # cap, for smoke runs; None: the whole data set
+
+
+@dataclass
+class LinearConfig:
+    """Stage 2: a fresh linear classifier on the frozen backbone, class-balanced sampling."""
+
+    epochs: int = 40
+    batch_size: int = 2048
+    lr: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: tuple[int, ...] = (20, 30)
+    gamma: float = 0.1
+    steps_per_epoch: int | None = None
+
+
+@dataclass
+class Config:
+    method: str = "dscl+pbsd"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 512
+    checkpoint_every_steps: int = 0  # 0: once per epoch only
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+
+    @property
+    def alpha(self) -> float | None:
+        """The DSCL weight actually used: None for SCL; from beta when beta is given."""
+        if self.method.startswith("scl"):
+            return None
+        if self.pretrain.beta is not None:
+            return 1.0 / (1.0 + self.pretrain.beta)
+        return self.pretrain.alpha
+
+    @property
+    def uses_pbsd(self) -> bool:
+        return self.method.endswith("+pbsd")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a type hint, converting int to float and lists to tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        item_types = [args[0]] * len(value) if args[-1:] == (Ellipsis,) else list(args)
+        return tuple(_coerce(v, t, f"{key}[{n}]") for n, (v, t) in enumerate(zip(value, item_types)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _update(obj: Any, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            close = [n for n in names if n[:3] == str(name)[:3]]
+            hint = f" (did you mean {', '.join(sorted(prefix + c for c in close))}?)" if close else ""
+            raise ConfigError(f"unknown key {key!r}{hint}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
+            _update(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks across keys; raises ConfigError naming the key."""
+    checks = [
+        (cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {cfg.method!r}"),
+        (cfg.pretrain.epochs >= 0, "pretrain.epochs", "must be >= 0"),
+        (cfg.linear.epochs >= 0, "linear.epochs", "must be >= 0"),
+        (cfg.pretrain.batch_size >= 2, "pretrain.batch_size", "must be >= 2"),
+        (cfg.linear.batch_size >= 1, "linear.batch_size", "must be >= 1"),
+        (cfg.pretrain.alpha is None or 0.0 <= cfg.pretrain.alpha <= 1.0, "pretrain.alpha", "must lie in [0, 1]"),
+        (not cfg.method.startswith("dscl") or cfg.alpha is not None, "pretrain.alpha",
+         "is needed by the dscl methods (or give pretrain.beta)"),
+        (cfg.pretrain.beta is None or cfg.pretrain.beta >= 0, "pretrain.beta", "must be >= 0"),
+        (cfg.pretrain.queue_size >= cfg.pretrain.batch_size, "pretrain.queue_size",
+         f"must be at least the batch size ({cfg.pretrain.batch_size})"),
+        (0.0 <= cfg.pretrain.ema_momentum < 1.0, "pretrain.ema_momentum", "must lie in [0, 1)"),
+        (cfg.pretrain.temperature > 0, "pretrain.temperature", "must be > 0"),
+        (cfg.pretrain.pbsd_weight >= 0, "pretrain.pbsd_weight", "must be >= 0"),
+        (cfg.pretrain.num_patches >= 1, "pretrain.num_patches", "must be >= 1"),
+        (0 < cfg.pretrain.patch_scale[0] <= cfg.pretrain.patch_scale[1] <= 1, "pretrain.patch_scale",
+         "must be 0 < low <= high <= 1"),
+        (cfg.pretrain.lr > 0 and cfg.linear.lr > 0, "pretrain.lr / linear.lr", "must be > 0"),
+        (cfg.pretrain.warmup_epochs >= 0, "pretrain.warmup_epochs", "must be >= 0"),
+        (cfg.pretrain.key_bn_groups >= 1, "pretrain.key_bn_groups", "must be >= 1"),
+        (cfg.data.imbalance_ratio is None or cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio", "must be >= 1"),
+        (cfg.data.val_per_class >= 0, "data.val_per_class", "must be >= 0"),
+        (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults, then ``base`` (a dict), then the YAML file, then each ``key=value`` override."""
+    cfg = Config()
+    if base:
+        _update(cfg, base)
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(values).__name__}")
+        try:
+            _update(cfg, values)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        try:
+            _update(cfg, nested)
+        except ConfigError as exc:
+            raise ConfigError(f"--set: {exc}") from exc
+    return validate(cfg)
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a run's config.yaml)."""
+    return load_config(base=values)

@@ -1,0 +1,262 @@
+"""Train / validation / test splits of every supported data set, behind one call.
+
+Every data set returns ``(PIL RGB image, int label)`` and has ``targets`` and ``classes``
+(in-memory ones also ``data``, (N,H,W,3) uint8). :func:`build_splits` reads a data set by name,
+applies its standard long-tailed construction (SPEC section 7) and checks it, so that the
+engine never sees a malformed split.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dscl.data.images import ArrayDataset, ImageListDataset, find_bad_images
+from dscl.data.longtail import holdout_indices, longtail_counts, longtail_indices
+from dscl.data.readers import (read_coco_categories, read_coco_json, read_image_folder,
+                               read_split_json, read_split_text)
+from dscl.data.synthetic import SyntheticLongTailed
+from dscl.errors import DataError
+
+DATASET_NAMES = ("synthetic", "cifar10-lt", "cifar100-lt", "imagefolder", "imagenet-lt",
+                 "places-lt", "inat2018")
+_SPLIT_FILES = {"imagenet-lt": ("ImageNet_LT", 1000), "places-lt": ("Places_LT", 365)}
+_SYNTHETIC_KEYS = ("num_classes", "n_max", "n_per_class_eval", "image_size")
+_DEFAULT_RATIO = 100.0
+
+
+class TransformedDataset(Dataset):
+    """``dataset`` with ``transform`` applied to each image: ``(transform(img), label)``."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Image.Image], Any]) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.targets: list[int] = dataset.targets
+        self.classes: list[str] = dataset.classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img, label = self.dataset[index]
+        return self.transform(img), label
+
+
+@dataclass
+class DataSplits:
+    """The splits of one data set; ``val`` is None where the data set has none."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    num_classes: int
+    classes: list[str]
+    image_size: int  # native / target side: 32 for synthetic and CIFAR, 224 for photographs
+    bad_files: list[str] = field(default_factory=list)
+
+    @property
+    def train_counts(self) -> list[int]:
+        """Training images per class, the basis of the Many / Medium / Few groups."""
+        return np.bincount(self.train.targets, minlength=self.num_classes).tolist()
+
+
+def _synthetic(ratio: float, seed: int, options: dict | None) -> DataSplits:
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_SYNTHETIC_KEYS))
+    if unknown:
+        raise DataError(f"synthetic: unknown option(s) {unknown}; known: {list(_SYNTHETIC_KEYS)}")
+    splits = {s: SyntheticLongTailed(s, imbalance_ratio=ratio, seed=seed, **options)
+              for s in ("train", "val", "test")}
+    train = splits["train"]
+    return DataSplits(train, splits["val"], splits["test"], len(train.classes), train.classes,
+                      train.data.shape[1])
+
+
+def _cifar(name: str, root: str, ratio: float, val_per_class: int, download: bool,
+           seed: int) -> DataSplits:
+    from torchvision import datasets as tv_datasets  # looked up here: tests substitute it
+
+    cls = tv_datasets.CIFAR10 if name == "cifar10-lt" else tv_datasets.CIFAR100
+    try:
+        full = cls(root, train=True, download=download)
+        test = cls(root, train=False, download=download)
+    except (RuntimeError, OSError) as exc:
+        hint = "" if download else "; set `data.download: true` to download it"
+        raise DataError(f"{name}: CIFAR files not found or corrupted under {root}{hint} "
+                        f"({exc})") from None
+    classes = list(full.classes)
+    train_all = ArrayDataset(np.asarray(full.data), full.targets, classes)
+    sizes = np.bincount(train_all.targets, minlength=len(classes))
+    counts = longtail_counts(int(sizes.max()), len(classes), ratio)
+    kept = longtail_indices(train_all.targets, counts, seed=0)  # the LDAM-DRW images
+    val = None
+    if val_per_class > 0:
+        kept, val_idx = holdout_indices(train_all.targets, kept, val_per_class, seed)
+        val = train_all.subset(val_idx)
+    return DataSplits(train_all.subset(kept), val,
+                      ArrayDataset(np.asarray(test.data), test.targets, classes),
+                      len(classes), classes, 32)
+
+
+def _native_size(path: str) -> int:
+    """Side of small square images (<= 64 px, e.g. CIFAR as JPEG), else 224."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (OSError, ValueError, SyntaxError):
+        return 224
+    return w if w == h and w <= 64 else 224
+
+
+def _imagefolder(root: str, ratio: float | None, val_per_class: int, seed: int) -> DataSplits:
+    listing, classes = read_image_folder(root)
+    sets = {s: ImageListDataset(*listing[s], classes) for s in listing}
+    train = sets["train"]
+    kept = list(range(len(train)))
+    if ratio is not None:
+        sizes = np.bincount(train.targets, minlength=len(classes))
+        counts = longtail_counts(int(sizes.max()), len(classes), ratio)
+        kept = longtail_indices(train.targets, counts, seed=0)
+    val = sets.get("val")
+    if val is None and val_per_class > 0:
+        try:
+            kept, val_idx = holdout_indices(train.targets, kept, val_per_class, seed)
+        except ValueError as exc:
+            raise DataError(f"image folder {root}: {exc}") from None
+        val = train.subset(val_idx)
+    return DataSplits(train.subset(kept), val, sets["test"], len(classes), classes,
+                      _native_size(train.paths[0]))
+
+
+def _split_file(prefix: str, root: str, split: str, num_classes: int, required: bool):
+    """Read ``{prefix}_{split}.txt`` (or, failing that, ``.json``) under root."""
+    txt = os.path.join(root, f"{prefix}_{split}.txt")
+    js = os.path.join(root, f"{prefix}_{split}.json")
+    if os.path.isfile(txt):
+        return txt, read_split_text(txt, root, num_classes)
+    if os.path.isfile(js):
+        return js, read_split_json(js, root, num_classes)
+    if required:
+        raise DataError(f"split file not found: {txt} (or {os.path.basename(js)})")
+    return None, None
+
+
+def _class_names(paths: list[str], labels: list[int], num_classes: int) -> list[str]:
+    """Each class's name from the folder of its first image, when those names are unique."""
+    first: dict[int, str] = {}
+    for p, y in zip(paths, labels):
+        first.setdefault(y, os.path.basename(os.path.dirname(p)))
+    names = [first.get(c, str(c)) for c in range(num_classes)]
+    return names if len(set(names)) == num_classes else [str(c) for c in range(num_classes)]
+
+
+def _split_lists(name: str, root: str) -> tuple[dict[str, Any], str, list[str]]:
+    """ImageNet-LT / Places-LT / iNat2018: ({split: listing or None}, train file, classes)."""
+    if name == "inat2018":
+        train_file = os.path.join(root, "train2018.json")
+        test_file = os.path.join(root, "val2018.json")
+        for f in (train_file, test_file):
+            if not os.path.isfile(f):
+                raise DataError(f"inat2018: annotation file not found: {f}")
+        cat_ids, classes = read_coco_categories(train_file)
+        return ({"train": read_coco_json(train_file, root, cat_ids), "val": None,
+                 "test": read_coco_json(test_file, root, cat_ids)}, train_file, classes)
+    prefix, num_classes = _SPLIT_FILES[name]
+    train_file, train = _split_file(prefix, root, "train", num_classes, True)
+    _, val = _split_file(prefix, root, "val", num_classes, False)
+    _, test = _split_file(prefix, root, "test", num_classes, True)
+    return ({"train": train, "val": val, "test": test}, train_file,
+            _class_names(*train, num_classes))
+
+
+def _check(splits: DataSplits, where: str, note: str = "") -> DataSplits:
+    for split in ("train", "val", "test"):
+        ds = getattr(splits, split)
+        if ds is not None and len(ds) == 0:
+            raise DataError(f"{where}: the {split} split is empty{note}")
+    for c, n in enumerate(splits.train_counts):
+        if n == 0:
+            raise DataError(f"{where}: class {c} ({splits.classes[c]}) has no training "
+                            f"image{note}")
+    return splits
+
+
+def _drop_bad(splits: DataSplits) -> DataSplits:
+    """Decode every image of every split once; drop and list those that fail."""
+    lists = [ds for ds in (splits.train, splits.val, splits.test)
+             if isinstance(ds, ImageListDataset)]
+    bad = find_bad_images(dict.fromkeys(p for ds in lists for p in ds.paths))
+    if bad:
+        for split in ("train", "val", "test"):
+            ds = getattr(splits, split)
+            if isinstance(ds, ImageListDataset):
+                setattr(splits, split, ds.without(bad))
+        splits.bad_files = bad
+    return splits
+
+
+def build_splits(
+    name: str,
+    root: str | None = None,
+    *,
+    imbalance_ratio: float | None = None,
+    val_per_class: int = 0,
+    download: bool = False,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+    synthetic_options: dict | None = None,
+) -> DataSplits:
+    """Read data set ``name`` (one of :data:`DATASET_NAMES`) and return its checked splits.
+
+    - ``synthetic``: :class:`SyntheticLongTailed` (rho default 100; ``synthetic_options`` may
+      set num_classes, n_max, n_per_class_eval, image_size); has its own val split.
+    - ``cifar10-lt`` / ``cifar100-lt``: torchvision's CIFAR files under ``root`` (rho default
+      100), LDAM-DRW subset; balanced test. With ``val_per_class > 0`` a balanced validation
+      set is drawn (seeded by ``seed``) from the training images the LT subset left out; the
+      head class, which keeps all its images, gives up that many of them instead.
+    - ``imagefolder``: ``root/{train,val,test}/<class>/<image>`` (val optional); with
+      ``imbalance_ratio`` the train split is subsampled like CIFAR-LT, files in sorted order
+      (the CIFAR-10 JPEG folder at rho=100 gives CIFAR-10-LT's 12,406 images). Without a val
+      folder, ``val_per_class > 0`` holds out a validation set as for CIFAR.
+    - ``imagenet-lt`` / ``places-lt``: ``ImageNet_LT_{train,val,test}.txt`` /
+      ``Places_LT_*.txt`` directly under ``root``, lines ``relative/path label`` (paths
+      relative to root); or, where no .txt exists, ``*.json`` holding a list of
+      ``{"path": ..., "label": ...}``. Val optional; 1000 / 365 classes.
+    - ``inat2018``: COCO-style ``train2018.json`` and ``val2018.json`` under root (val is the
+      test split; classes from the train file's ``categories``).
+
+    ``val_per_class`` is ignored where the data set has its own validation split. Every image
+    file is checked to exist; with ``skip_bad_images`` every image is also decoded once and the
+    unreadable ones are dropped and listed in ``bad_files`` (otherwise loading one raises).
+    """
+    if name not in DATASET_NAMES:
+        raise DataError(f"unknown data set {name!r}; known: {', '.join(DATASET_NAMES)}")
+    if name != "synthetic" and not root:
+        raise DataError(f"{name}: a root folder is required")
+    if name != "synthetic" and not os.path.isdir(root):
+        if not (name.startswith("cifar") and download):
+            raise DataError(f"{name}: root folder not found: {root}"
+                            + ("; set `data.download: true` to download CIFAR"
+                               if name.startswith("cifar") else ""))
+    ratio = _DEFAULT_RATIO if imbalance_ratio is None else float(imbalance_ratio)
+    if name == "synthetic":
+        return _check(_synthetic(ratio, seed, synthetic_options), name)
+    if name in ("cifar10-lt", "cifar100-lt"):
+        return _check(_cifar(name, root, ratio, val_per_class, download, seed), name)
+    if name == "imagefolder":
+        splits = _imagefolder(root, imbalance_ratio, val_per_class, seed)
+        where = os.path.join(root, "train")
+    else:
+        lists, where, classes = _split_lists(name, root)
+        sets = {s: None if v is None else ImageListDataset(*v, classes) for s, v in lists.items()}
+        splits = DataSplits(sets["train"], sets["val"], sets["test"], len(classes), classes, 224)
+    _check(splits, where)
+    if skip_bad_images:
+        splits = _drop_bad(splits)
+        _check(splits, where, f" after dropping {len(splits.bad_files)} unreadable image(s)")
+    return splits

@@ -1,0 +1,193 @@
+"""Readers of the on-disk layouts: image folders, split text / JSON lists, COCO-style JSON.
+
+Each reader returns plain lists (paths, labels, class names) and checks everything that can be
+checked before training starts, so a typo on line 80,000 of a split file fails at once with the
+file and line, not hours later inside a data-loader worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from dscl.data.images import is_image_file
+from dscl.errors import DataError
+
+# (paths, labels): one entry per image.
+Listing = tuple[list[str], list[int]]
+
+
+def _list_dir(folder: str, *, dirs: bool) -> list[str]:
+    """Sorted names of the sub-folders (dirs=True) or image files in ``folder``, no hidden."""
+    with os.scandir(folder) as it:
+        names = [e.name for e in it if not e.name.startswith(".")
+                 and (e.is_dir() if dirs else e.is_file() and is_image_file(e.name))]
+    return sorted(names)
+
+
+def read_image_folder(root: str) -> tuple[dict[str, Listing], list[str]]:
+    """Read ``root/<split>/<class>/<image>`` for splits train, val (optional) and test.
+
+    Class indices follow the sorted class-folder names of ``train``; files within a class are
+    taken in sorted name order. Returns ``({split: (paths, labels)}, classes)``.
+    """
+    train_dir = os.path.join(root, "train")
+    if not os.path.isdir(train_dir):
+        raise DataError(f"image folder {root}: no 'train' folder (expected root/train/<class>/)")
+    classes = _list_dir(train_dir, dirs=True)
+    if not classes:
+        raise DataError(f"image folder {train_dir}: no class folders")
+    index = {name: c for c, name in enumerate(classes)}
+    splits: dict[str, Listing] = {}
+    for split in ("train", "val", "test"):
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            if split == "test":
+                raise DataError(f"image folder {root}: no 'test' folder")
+            continue
+        paths: list[str] = []
+        labels: list[int] = []
+        for name in _list_dir(split_dir, dirs=True):
+            folder = os.path.join(split_dir, name)
+            if name not in index:
+                raise DataError(f"class folder {folder} has no counterpart in {train_dir}")
+            files = _list_dir(folder, dirs=False)
+            if split == "train" and not files:
+                raise DataError(f"class folder {folder} holds no training image "
+                                f"(extensions: .jpg .jpeg .png .bmp .webp .ppm)")
+            paths.extend(os.path.join(folder, f) for f in files)
+            labels.extend([index[name]] * len(files))
+        if not paths:
+            raise DataError(f"image folder {split_dir}: no image in any class folder")
+        splits[split] = (paths, labels)
+    return splits, classes
+
+
+def _check_files(found: list[tuple[str, str]], what: str) -> None:
+    """Raise one DataError listing the (where, path) pairs whose file does not exist."""
+    missing = [(where, p) for where, p in found if not os.path.isfile(p)]
+    if missing:
+        shown = "; ".join(f"{where}: image file not found: {p}" for where, p in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DataError(f"{len(missing)} missing image(s) in {what}: {shown}{more}")
+
+
+def _label(value: object, where: str, num_classes: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise DataError(f"{where}: label {value!r} is not an integer")
+    try:
+        label = int(value)
+    except ValueError:
+        raise DataError(f"{where}: label {value!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise DataError(f"{where}: label {label} out of range [0, {num_classes})")
+    return label
+
+
+def read_split_text(path: str, root: str, num_classes: int) -> Listing:
+    """Read a ``relative/path label`` split file (ImageNet-LT, Places-LT); paths under root.
+
+    Blank lines are skipped; every other line must hold exactly two whitespace-separated fields.
+    """
+    paths, labels, found = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            where = f"{path}, line {lineno}"
+            if len(fields) != 2:
+                raise DataError(f"{where}: expected 'relative/path label', "
+                                f"got {len(fields)} field(s): {line.strip()!r}")
+            labels.append(_label(fields[1], where, num_classes))
+            paths.append(os.path.join(root, fields[0]))
+            found.append((where, paths[-1]))
+    _check_files(found, path)
+    return paths, labels
+
+
+def _load_json(path: str) -> object:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {exc.lineno}: invalid JSON: {exc.msg}") from None
+
+
+def read_split_json(path: str, root: str, num_classes: int) -> Listing:
+    """Read the JSON form of a split file: a list of ``{"path": relative, "label": int}``."""
+    entries = _load_json(path)
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a JSON list of {{'path', 'label'}} objects")
+    paths, labels, found = [], [], []
+    for i, entry in enumerate(entries):
+        where = f"{path}, entry [{i}]"
+        if not isinstance(entry, dict) or "path" not in entry or "label" not in entry:
+            raise DataError(f"{where}: expected an object with keys 'path' and 'label'")
+        if not isinstance(entry["path"], str):
+            raise DataError(f"{where}.path: expected a string, got {entry['path']!r}")
+        labels.append(_label(entry["label"], f"{where}.label", num_classes))
+        paths.append(os.path.join(root, entry["path"]))
+        found.append((f"{where}.path", paths[-1]))
+    _check_files(found, path)
+    return paths, labels
+
+
+def _list_of_dicts(doc: dict, key: str, path: str) -> list[dict]:
+    value = doc.get(key)
+    if not isinstance(value, list):
+        raise DataError(f"{path}: key '{key}' missing or not a list")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: {key}[{i}] is not an object")
+    return value
+
+
+def read_coco_categories(path: str) -> tuple[list[int], list[str]]:
+    """Category ids (sorted; their position is the class index) and names of a COCO JSON."""
+    doc = _load_json(path)
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a JSON object with images, annotations, categories")
+    cats = _list_of_dicts(doc, "categories", path)
+    for i, cat in enumerate(cats):
+        if not isinstance(cat.get("id"), int):
+            raise DataError(f"{path}: categories[{i}].id missing or not an integer")
+    cats = sorted(cats, key=lambda c: c["id"])
+    if not cats:
+        raise DataError(f"{path}: 'categories' is empty")
+    return [c["id"] for c in cats], [str(c.get("name", c["id"])) for c in cats]
+
+
+def read_coco_json(path: str, root: str, category_ids: Sequence[int]) -> Listing:
+    """Read ``images`` / ``annotations`` of a COCO-style JSON (iNaturalist 2018).
+
+    Labels are positions of ``category_id`` in ``category_ids`` (the train file's categories).
+    Items follow the order of ``annotations``; images without an annotation are ignored.
+    """
+    doc = _load_json(path)
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a JSON object with images, annotations, categories")
+    images = _list_of_dicts(doc, "images", path)
+    annotations = _list_of_dicts(doc, "annotations", path)
+    files: dict[object, tuple[int, str]] = {}
+    for j, img in enumerate(images):
+        if "id" not in img or not isinstance(img.get("file_name"), str):
+            raise DataError(f"{path}: images[{j}] needs 'id' and a string 'file_name'")
+        files[img["id"]] = (j, img["file_name"])
+    label_of = {cid: c for c, cid in enumerate(category_ids)}
+    paths, labels, found = [], [], []
+    for i, ann in enumerate(annotations):
+        if ann.get("image_id") not in files:
+            raise DataError(f"{path}: annotations[{i}].image_id = {ann.get('image_id')!r} "
+                            f"has no entry in 'images'")
+        cid = ann.get("category_id")
+        if cid not in label_of:
+            raise DataError(f"{path}: annotations[{i}].category_id = {cid!r} is not one of "
+                            f"the {len(label_of)} training categories")
+        j, name = files[ann["image_id"]]
+        labels.append(label_of[cid])
+        paths.append(os.path.join(root, name))
+        found.append((f"{path}: images[{j}].file_name", paths[-1]))
+    _check_files(found, path)
+    return paths, labels

@@ -1,0 +1,125 @@
+"""Stage 2: a fresh linear classifier on the frozen backbone, with class-balanced sampling.
+
+The backbone stays in eval mode (BatchNorm statistics frozen) and takes no gradient; after
+training we check, bit for bit, that none of its weights or buffers changed (as MoCo v3's
+linear probe does). The best epoch is chosen on the validation split when there is one,
+never on the test split.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..config import Config
+from ..data import ClassBalancedSampler, DataSplits, TransformedDataset
+from ..errors import NumericalError
+from ..models import Classifier, build_backbone
+from .distributed import Runtime, all_reduce_sum
+from .evaluate import accuracy_report, predict
+from .loaders import make_loader, mix_seed, steps_per_epoch
+from .rundir import RunDir
+from .views import linear_transform, test_transform
+
+
+def backbone_from_stage1(cfg: Config, state: dict) -> nn.Module:
+    """The query encoder f of a stage-1 state dict (MomentumContrast or the CE Classifier)."""
+    prefix = "backbone." if cfg.method == "ce" else "encoder."
+    backbone = build_backbone(cfg.model.backbone, zero_init_residual=False)
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return backbone
+
+
+def freeze(module: nn.Module) -> dict:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(module: nn.Module, snapshot: dict) -> None:
+    changed = [k for k, v in module.state_dict().items() if not torch.equal(v, snapshot[k])]
+    if changed:
+        raise RuntimeError(f"stage 2 changed frozen backbone tensors: {changed[:5]}")
+
+
+def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, backbone: nn.Module,
+                 resume: bool) -> Classifier:
+    """Train the classifier; returns backbone + the selected linear layer, on ``rt.device``."""
+    lc = cfg.linear
+    backbone = backbone.to(rt.device)
+    snapshot = freeze(backbone)
+    model = Classifier(backbone, splits.num_classes).to(rt.device)
+    torch.manual_seed(mix_seed(cfg.seed, 4))
+    model.fc.reset_parameters()
+    optimizer = torch.optim.SGD(model.fc.parameters(), lr=lc.lr, momentum=lc.momentum, weight_decay=lc.weight_decay)
+    start_epoch, start_step, best = 0, 0, {"epoch": 0, "val": None, "fc": model.fc.state_dict()}
+    if resume and run.checkpoint("linear_last").is_file():
+        state = run.load(run.checkpoint("linear_last"))
+        model.fc.load_state_dict(state["fc"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_step, best, run.metrics = state["epoch"], state["step"], state["best"], state["metrics"]
+    fc = DistributedDataParallel(model.fc) if rt.distributed else model.fc
+    local_batch = max(1, lc.batch_size // rt.world_size)
+    steps = steps_per_epoch(len(splits.train), lc.batch_size, lc.steps_per_epoch)
+    sampler = ClassBalancedSampler(splits.train.targets, num_samples=steps * local_batch * rt.world_size,
+                                   seed=mix_seed(cfg.seed, 5) % 2**31, rank=rt.rank, world_size=rt.world_size)
+    transform = linear_transform(cfg, splits.image_size)
+    val = TransformedDataset(splits.val, test_transform(splits.image_size)) if splits.val is not None else None
+    run.log(f"stage 2: class-balanced, {steps} steps/epoch, effective batch {local_batch * rt.world_size}, lr {lc.lr:g}"
+            + (", best epoch chosen on validation" if val is not None else ", no validation split: last epoch kept"))
+
+    def save_last(epoch: int, step: int) -> None:
+        run.save(run.checkpoint("linear_last"), {"stage": "linear", "fc": model.fc.state_dict(), "best": best,
+                 "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "metrics": run.metrics})
+
+    for epoch in range(start_epoch, lc.epochs):
+        lr = lc.lr * lc.gamma ** sum(epoch >= m for m in lc.milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.set_epoch(epoch)
+        loader = make_loader(splits.train, transform, list(sampler), seed=cfg.seed + 1, epoch=epoch, rank=rt.rank,
+                             batch=local_batch, start_step=start_step, num_workers=cfg.data.num_workers,
+                             device=rt.device)
+        fc.train()
+        total, seen, tic = 0.0, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"linear {epoch + 1}/{lc.epochs}", initial=start_step, total=steps,
+                   disable=not rt.is_main, leave=False)
+        for step, (images, labels) in enumerate(bar, start=start_step):
+            with torch.no_grad():
+                features = backbone(images.to(rt.device, non_blocking=True))
+            loss = F.cross_entropy(fc(features), labels.to(rt.device))
+            if not torch.isfinite(loss):
+                raise NumericalError(f"stage 2, epoch {epoch + 1}, step {step + 1}: loss is {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, seen = total + loss.item(), seen + 1
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < steps:
+                save_last(epoch, step + 1)
+        elapsed = time.perf_counter() - tic
+        row = {"stage": "linear", "epoch": epoch + 1, "lr": lr, "seconds": round(elapsed, 3),
+               "images_per_s": round(float(all_reduce_sum(torch.tensor(float(seen * local_batch)))) / elapsed, 2),
+               "loss": round(total / max(seen, 1), 5)}
+        if val is not None:
+            preds, targets = predict(model, val, batch_size=cfg.eval_batch_size, device=rt.device,
+                                     num_workers=cfg.data.num_workers, progress=rt.is_main, desc="val")
+            row["val_top1"] = round(accuracy_report(preds, targets, splits.train_counts)["overall"], 4)
+            if best["val"] is None or row["val_top1"] > best["val"]:
+                best = {"epoch": epoch + 1, "val": row["val_top1"], "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
+        else:
+            best = {"epoch": epoch + 1, "val": None, "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
+        run.add_metrics(row)
+        start_step = 0
+        save_last(epoch + 1, 0)
+    assert_unchanged(backbone, snapshot)
+    model.fc.load_state_dict(best["fc"])
+    run.save(run.checkpoint("linear_best"), {"stage": "linear", "fc": model.fc.state_dict(), "best_epoch": best["epoch"],
+                                              "best_val": best["val"], "complete": True})
+    return model

@@ -1,0 +1,157 @@
+"""Stage 1: DSCL / SCL (+ PBSD) representation learning, or the end-to-end CE baseline.
+
+One loop, the same on one CPU process, one GPU, or N processes under torchrun::
+
+    for each batch (g1, g2, patches, boxes, y):
+        z, k, c, s = model(g1, g2, patches, boxes)          # momentum update + keys inside
+        loss = L_dscl(z, k, y, queue) + lambda * L_pbsd(c, s, k, queue)
+        step the optimiser; enqueue the keys of all ranks
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..config import Config
+from ..data import DataSplits
+from ..errors import NumericalError
+from ..losses import decoupled_supcon_loss, patch_distillation_loss
+from ..models import Classifier, MomentumContrast, build_backbone
+from .distributed import Runtime, all_gather_cat, all_reduce_sum
+from .loaders import make_loader, mix_seed, shuffled_order, steps_per_epoch
+from .rundir import RunDir
+from .views import stage1_transform
+
+
+def build_stage1_model(cfg: Config, num_classes: int) -> nn.Module:
+    backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained,
+                              zero_init_residual=cfg.model.pretrained is None)
+    if cfg.model.train_last_stage_only:
+        last = set(map(id, backbone.last_stage().parameters()))
+        for p in backbone.parameters():
+            p.requires_grad_(id(p) in last)
+    if cfg.method == "ce":
+        return Classifier(backbone, num_classes)
+    p = cfg.pretrain
+    return MomentumContrast(backbone, feature_dim=cfg.model.feature_dim, queue_size=p.queue_size,
+                            momentum=p.ema_momentum, key_bn_groups=p.key_bn_groups)
+
+
+def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``base_lr`` to 0."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Loss of one batch and its parts (as floats), for any method."""
+    views, labels = batch
+    labels = labels.to(device, non_blocking=True)
+    if cfg.method == "ce":
+        loss = F.cross_entropy(model(views.to(device, non_blocking=True)), labels)
+        return loss, {"loss": loss}
+    query_view, key_view, patches, boxes = (v.to(device, non_blocking=True) for v in views)
+    use_patches = cfg.uses_pbsd
+    out = model(query_view, key_view, patches if use_patches else None, boxes if use_patches else None)
+    queue = _unwrap(model).queue
+    contrast = decoupled_supcon_loss(out.query, out.key, labels, queue.keys, queue.labels,
+                                     alpha=cfg.alpha, temperature=cfg.pretrain.temperature)
+    parts = {"contrast": contrast}
+    loss = contrast
+    if use_patches:
+        pbsd = patch_distillation_loss(out.teacher, out.student, out.key, queue.keys, queue.labels,
+                                       temperature=cfg.pretrain.temperature)
+        loss = loss + cfg.pretrain.pbsd_weight * pbsd
+        parts["pbsd"] = pbsd
+    parts["loss"] = loss
+    parts["_keys"] = out.key
+    return loss, parts
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: bool) -> dict:
+    """Train stage 1 and save ``checkpoints/pretrain.pt``; returns the final model state."""
+    final = run.checkpoint("pretrain")
+    if resume and final.is_file():
+        return run.load(final)["model"]
+    p = cfg.pretrain
+    model = build_stage1_model(cfg, splits.num_classes).to(rt.device)
+    global_batch = p.batch_size
+    if global_batch % rt.world_size:
+        raise ValueError(f"pretrain.batch_size {global_batch} is not divisible by {rt.world_size} processes")
+    local_batch = global_batch // rt.world_size
+    steps = steps_per_epoch(len(splits.train), global_batch, p.steps_per_epoch)
+    base_lr = p.lr * global_batch / 256
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    start_epoch = start_step = 0
+    if resume and run.checkpoint("pretrain_last").is_file():
+        state = run.load(run.checkpoint("pretrain_last"))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_step = state["epoch"], state["step"]
+        run.metrics = state["metrics"]
+    run.log(f"stage 1 ({cfg.method}): {len(splits.train)} images, {steps} steps/epoch, effective batch "
+            f"{global_batch} = {rt.world_size} x {local_batch}, lr {base_lr:g} (= {p.lr:g} x {global_batch}/256)")
+    net = DistributedDataParallel(model) if rt.distributed else model
+    transform = stage1_transform(cfg, splits.image_size)
+
+    def save_last(epoch: int, step: int) -> None:
+        if rt.is_main:
+            run.save(run.checkpoint("pretrain_last"), {"stage": "pretrain", "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "metrics": run.metrics})
+
+    total_steps, warmup = p.epochs * steps, p.warmup_epochs * steps
+    for epoch in range(start_epoch, p.epochs):
+        order = shuffled_order(len(splits.train), cfg.seed, epoch, rt, steps, local_batch)
+        loader = make_loader(splits.train, transform, order, seed=cfg.seed, epoch=epoch, rank=rt.rank,
+                             batch=local_batch, start_step=start_step, num_workers=cfg.data.num_workers,
+                             device=rt.device)
+        net.train()
+        sums, seen, tic = {}, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"pretrain {epoch + 1}/{p.epochs}", initial=start_step, total=steps,
+                   disable=not rt.is_main, leave=False)
+        for step, batch in enumerate(bar, start=start_step):
+            torch.manual_seed(mix_seed(cfg.seed, epoch, step, rt.rank, 3))  # key shuffle etc.
+            lr = warmup_cosine(base_lr, epoch * steps + step, total_steps, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, parts = stage1_losses(net, batch, cfg, rt.device)
+            if not torch.isfinite(loss):
+                raise NumericalError(f"stage 1, epoch {epoch + 1}, step {step + 1}: loss is {loss.item()}; "
+                                     f"the last good checkpoint is {run.checkpoint('pretrain_last')}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if "_keys" in parts:
+                _unwrap(net).queue.enqueue(all_gather_cat(parts.pop("_keys")),
+                                           all_gather_cat(batch[1].to(rt.device)))
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            seen += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+            if cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < steps:
+                save_last(epoch, step + 1)
+        elapsed = time.perf_counter() - tic
+        images = torch.tensor(float(seen * local_batch))
+        row = {"stage": "pretrain", "epoch": epoch + 1, "lr": lr, "seconds": round(elapsed, 3),
+               "images_per_s": round(float(all_reduce_sum(images)) / max(elapsed, 1e-9), 2)}
+        row.update({name: round(total / max(seen, 1), 5) for name, total in sums.items()})
+        run.add_metrics(row)
+        start_step = 0
+        save_last(epoch + 1, 0)
+    if rt.is_main:
+        run.save(final, {"stage": "pretrain", "model": model.state_dict(), "complete": True})
+    return model.state_dict()

@@ -1,0 +1,87 @@
+"""The output folder of a run: config.yaml, metrics.csv, log.txt, checkpoints/, results.json.
+
+Only rank 0 writes. Every file is written whole and atomically, so a crash never leaves a
+half-written file that looks complete; metrics.csv is rewritten from the rows a checkpoint
+carries, so after a resume it holds exactly the epochs that were really completed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+import yaml
+
+from ..errors import CheckpointError, ConfigError
+from .checkpoint import atomic_write_text, config_differences, load_checkpoint, save_checkpoint, write_json, write_yaml
+
+FORMAT = 1
+
+
+class RunDir:
+    def __init__(self, path: str | Path, is_main: bool = True):
+        self.path = Path(path)
+        self.is_main = is_main
+        self.metrics: list[dict] = []
+        self.config: dict = {}
+
+    def checkpoint(self, name: str) -> Path:
+        return self.path / "checkpoints" / f"{name}.pt"
+
+    def prepare(self, config: dict, resume: bool) -> None:
+        """Refuse to write over another run; on resume, refuse a run that differs in what it is."""
+        saved_path = self.path / "config.yaml"
+        self.config = config
+        if saved_path.is_file():
+            if not resume:
+                raise ConfigError(f"{self.path} already holds a run (config.yaml); pass --resume to continue it "
+                                  f"or choose another --out")
+            try:
+                saved = yaml.safe_load(saved_path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{saved_path}: unreadable: {exc}") from exc
+            diffs = config_differences(saved, config)
+            if diffs:
+                raise ConfigError(f"cannot resume {self.path}: the run there differs in\n  " + "\n  ".join(diffs))
+        elif resume and self.path.exists() and any(self.path.iterdir()):
+            raise ConfigError(f"{self.path} holds no dscl run to resume (no config.yaml)")
+        if self.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_yaml(saved_path, config)
+
+    def save(self, path: Path, state: dict) -> None:
+        if self.is_main:
+            save_checkpoint(path, {"format": FORMAT, "config": self.config, **state})
+
+    def load(self, path: Path) -> dict:
+        state = load_checkpoint(path)
+        diffs = config_differences(state.get("config", {}), self.config)
+        if diffs:
+            raise CheckpointError(f"{path} belongs to a different run:\n  " + "\n  ".join(diffs))
+        return state
+
+    def add_metrics(self, row: dict) -> None:
+        self.metrics.append(row)
+        if not self.is_main:
+            return
+        columns = list(dict.fromkeys(k for r in self.metrics for k in r))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.metrics)
+        atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
+        self.log(" ".join(f"{k}={v}" for k, v in row.items()))
+
+    def log(self, message: str) -> None:
+        if not self.is_main:
+            return
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        with open(self.path / "log.txt", "a") as fh:
+            fh.write(line + "\n")
+
+    def write_results(self, results: dict) -> None:
+        if self.is_main:
+            write_json(self.path / "results.json", results)

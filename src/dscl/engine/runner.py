@@ -1,0 +1,94 @@
+"""A whole run: data, stage 1, stage 2, evaluation, into one output folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data import DataSplits, TransformedDataset, build_splits
+from ..errors import CheckpointError
+from .distributed import Runtime, barrier
+from .evaluate import accuracy_report, predict
+from .linear import backbone_from_stage1, train_linear
+from .pretrain import build_stage1_model, pretrain
+from .rundir import RunDir
+from .views import test_transform
+
+STAGES = ("pretrain", "linear", "evaluate")
+
+
+def load_data(cfg: Config) -> DataSplits:
+    d = cfg.data
+    splits = build_splits(d.name, d.root, imbalance_ratio=d.imbalance_ratio, val_per_class=d.val_per_class,
+                          download=d.download, seed=cfg.seed, skip_bad_images=d.skip_bad_images,
+                          synthetic_options={"num_classes": d.synthetic_classes, "n_max": d.synthetic_n_max,
+                                             "n_per_class_eval": d.synthetic_eval_per_class})
+    if d.image_size:
+        splits.image_size = d.image_size
+    return splits
+
+
+def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: bool = False) -> dict | None:
+    """Run the given stages in order; returns the results (on rank 0) when ``evaluate`` ran."""
+    run_dir = RunDir(out, rt.is_main)
+    run_dir.prepare(cfg.to_dict(), resume)
+    barrier()
+    tic = time.perf_counter()
+    splits = load_data(cfg)
+    run_dir.log(f"data {cfg.data.name}: {len(splits.train)} train / "
+                f"{len(splits.val) if splits.val is not None else 0} val / {len(splits.test)} test images, "
+                f"{splits.num_classes} classes, train counts {max(splits.train_counts)} to {min(splits.train_counts)}")
+    timings = {}
+    state = None
+    if "pretrain" in stages:
+        t = time.perf_counter()
+        state = pretrain(cfg, splits, rt, run_dir, resume)
+        timings["pretrain_s"] = round(time.perf_counter() - t, 2)
+    if state is None:
+        state = run_dir.load(run_dir.checkpoint("pretrain"))["model"]
+    barrier()
+    if cfg.method == "ce":  # the end-to-end baseline keeps the classifier it trained with
+        model = build_stage1_model(cfg, splits.num_classes)
+        model.load_state_dict(state)
+        model.to(rt.device)
+    elif "linear" in stages:
+        t = time.perf_counter()
+        model = train_linear(cfg, splits, rt, run_dir, backbone_from_stage1(cfg, state), resume)
+        timings["linear_s"] = round(time.perf_counter() - t, 2)
+    else:
+        model = _load_linear(cfg, splits, run_dir, state).to(rt.device)
+    if "evaluate" not in stages or not rt.is_main:
+        return None
+    t = time.perf_counter()
+    preds, labels = predict(model, TransformedDataset(splits.test, test_transform(splits.image_size)),
+                            batch_size=cfg.eval_batch_size, device=rt.device, num_workers=cfg.data.num_workers)
+    timings["evaluate_s"] = round(time.perf_counter() - t, 2)
+    report = accuracy_report(preds, labels, splits.train_counts)
+    results = {"method": cfg.method, "overall": report["overall"], "many": report["many"],
+               "medium": report["medium"], "few": report["few"], "per_class": report["per_class"],
+               "train_counts": splits.train_counts, "classes": splits.classes, "test_images": len(labels),
+               "bad_images_skipped": len(splits.bad_files), "seconds": timings,
+               "wall_time_s": round(time.perf_counter() - tic, 2)}
+    run_dir.write_results(results)
+    run_dir.log(f"test top-1 {results['overall']:.2f}% (many {_fmt(results['many'])}, medium "
+                f"{_fmt(results['medium'])}, few {_fmt(results['few'])}) -> {run_dir.path / 'results.json'}")
+    return results
+
+
+def _load_linear(cfg: Config, splits: DataSplits, run_dir: RunDir, state: dict) -> torch.nn.Module:
+    from ..models import Classifier
+
+    path = run_dir.checkpoint("linear_best")
+    best = run_dir.load(path)
+    if not best.get("complete"):
+        raise CheckpointError(f"{path}: stage 2 did not finish; run `dscl linear` first")
+    model = Classifier(backbone_from_stage1(cfg, state), splits.num_classes)
+    model.fc.load_state_dict(best["fc"])
+    return model
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

@@ -1,0 +1,148 @@
+"""The stage-1 model: query encoder and head, momentum key encoder, labelled queue, patch features.
+
+One forward computes, for a batch of B images with L patches each::
+
+    z = normalize(g(f(g1)))                       # (B, D)    query features, with gradient
+    k = normalize(g_k(f_k(g2)))                   # (B, D)    keys, momentum encoder, no gradient
+    c = normalize(g(mean_2x2(roi_align(u, box)))) # (B, L, D) patch teacher, no gradient
+    s = normalize(g(f(crop)))                     # (B, L, D) patch student, all B*L crops at once
+
+The losses are computed by the caller (``dscl.losses``); the caller then enqueues the keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from .backbones import Backbone
+from .heads import ProjectionHead
+from .queue import LabelledQueue
+
+
+class GroupedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are computed within ``groups`` interleaved groups.
+
+    The single-device stand-in for MoCo's shuffle BN: the key batch is permuted at random, so
+    sample i of the permuted batch lands in group i % groups; each group is normalised on its
+    own, so a key's statistics do not come from the same samples as its query's. Viewing
+    (B, C, H, W) as (B/G, G*C, H, W) puts each group in its own channels, so the native kernel
+    does the work. Same parameters and buffers as ``nn.BatchNorm2d`` (the EMA maps one to one).
+    """
+
+    groups: int = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups = _largest_divisor(x.shape[0], self.groups)
+        if not self.training or groups == 1:
+            return super().forward(x)
+        b, c, h, w = x.shape
+        out = F.batch_norm(x.reshape(b // groups, groups * c, h, w), None, None,
+                           self.weight.repeat(groups), self.bias.repeat(groups), True, 0.0, self.eps)
+        return out.reshape(b, c, h, w)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return next(g for g in range(min(n, at_most), 0, -1) if n % g == 0)
+
+
+def _group_batchnorms(module: nn.Module, groups: int) -> None:
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = GroupedBatchNorm2d
+            m.groups = groups
+
+
+@dataclass
+class ContrastOutput:
+    query: Tensor  # (B, D)
+    key: Tensor  # (B, D)
+    teacher: Tensor | None  # (B, L, D)
+    student: Tensor | None  # (B, L, D)
+
+
+class MomentumContrast(nn.Module):
+    """Query encoder ``f, g``, momentum key encoder ``f_k, g_k`` and the labelled queue."""
+
+    def __init__(self, backbone: Backbone, *, feature_dim: int = 128, queue_size: int = 65536,
+                 momentum: float = 0.999, key_bn_groups: int = 8):
+        super().__init__()
+        self.encoder = backbone
+        self.head = ProjectionHead(backbone.out_dim, feature_dim)
+        self.key_encoder = copy.deepcopy(backbone)
+        self.key_head = copy.deepcopy(self.head)
+        _group_batchnorms(self.key_encoder, key_bn_groups)
+        for p in [*self.key_encoder.parameters(), *self.key_head.parameters()]:
+            p.requires_grad_(False)
+        self.queue = LabelledQueue(queue_size, feature_dim)
+        self.momentum = momentum
+
+    def query_pairs(self):
+        return zip([*self.encoder.parameters(), *self.head.parameters()],
+                   [*self.key_encoder.parameters(), *self.key_head.parameters()])
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q, parameters only (BN buffers untouched)."""
+        query, key = zip(*self.query_pairs())
+        torch._foreach_lerp_(list(key), list(query), 1.0 - self.momentum)
+
+    @torch.no_grad()
+    def encode_keys(self, key_view: Tensor) -> Tensor:
+        """(B, 3, S, S) -> (B, D) normalised keys; batch shuffled (across ranks when distributed)."""
+        x, unshuffle = _shuffle(key_view)
+        k = F.normalize(self.key_head(self.key_encoder(x)), dim=1)
+        return unshuffle(k)
+
+    def forward(self, query_view: Tensor, key_view: Tensor, patches: Tensor | None = None,
+                boxes: Tensor | None = None) -> ContrastOutput:
+        """query_view, key_view: (B, 3, S, S); patches: (B, L, 3, P, P); boxes: (B, L, 4) in g1 pixels."""
+        feature_map = self.encoder.forward_features(query_view)  # u: (B, C, h, w)
+        query = F.normalize(self.head(feature_map.mean((2, 3))), dim=1)
+        with torch.no_grad():
+            self.momentum_update()
+            key = self.encode_keys(key_view)
+        teacher = student = None
+        if patches is not None:
+            b, l = patches.shape[:2]
+            with torch.no_grad():
+                teacher = self.patch_teacher(feature_map.detach(), boxes)
+            crops = patches.flatten(0, 1)  # (B*L, 3, P, P), one forward for all crops
+            student = F.normalize(self.head(self.encoder(crops)), dim=1).view(b, l, -1)
+        return ContrastOutput(query, key, teacher, student)
+
+    def patch_teacher(self, feature_map: Tensor, boxes: Tensor) -> Tensor:
+        """Eq. 11: ROI-align each box on u (2x2 output), average, project, normalise -> (B, L, D)."""
+        b, l = boxes.shape[:2]
+        pooled = roi_align(feature_map, list(boxes.to(feature_map.dtype).unbind(0)), output_size=2,
+                           spatial_scale=1.0 / self.encoder.stride, sampling_ratio=2, aligned=True)
+        return F.normalize(self.head(pooled.mean((2, 3))), dim=1).view(b, l, -1)
+
+
+def _shuffle(x: Tensor):
+    """Random permutation of the batch; across all ranks when running distributed (MoCo)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        perm = torch.randperm(x.shape[0], device=x.device)
+        inverse = torch.argsort(perm)
+        return x[perm], lambda y: y[inverse]
+    world, rank, local = dist.get_world_size(), dist.get_rank(), x.shape[0]
+    gathered = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(gathered, x.contiguous())
+    full = torch.cat(gathered)
+    perm = torch.randperm(full.shape[0], device=x.device)
+    dist.broadcast(perm, src=0)
+    inverse = torch.argsort(perm)
+    mine = perm.view(world, local)[rank]
+
+    def unshuffle(y: Tensor) -> Tensor:
+        parts = [torch.empty_like(y) for _ in range(world)]
+        dist.all_gather(parts, y.contiguous())
+        return torch.cat(parts)[inverse].view(world, local, -1)[rank]
+
+    return full[mine], unshuffle

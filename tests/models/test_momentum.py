@@ -1,0 +1,84 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from dscl.models import GroupedBatchNorm2d, MomentumContrast, build_backbone
+
+
+def small_model(queue_size=32, groups=4):
+    torch.manual_seed(0)
+    return MomentumContrast(build_backbone("resnet32"), feature_dim=16, queue_size=queue_size,
+                            momentum=0.9, key_bn_groups=groups)
+
+
+def test_ema_update_parameters_only():
+    model = small_model()
+    with torch.no_grad():
+        for p in [*model.encoder.parameters(), *model.head.parameters()]:
+            p.add_(torch.randn_like(p))
+        for m in model.key_encoder.modules():  # running stats of the key encoder are not EMA'd
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(3.0)
+    before = {n: p.clone() for n, p in model.key_encoder.named_parameters()}
+    query = dict(model.encoder.named_parameters())
+    model.momentum_update()
+    for name, p in model.key_encoder.named_parameters():
+        torch.testing.assert_close(p, 0.9 * before[name] + 0.1 * query[name])
+    for m in model.key_encoder.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert bool((m.running_mean == 3.0).all())
+    assert not any(p.requires_grad for p in model.key_encoder.parameters())
+
+
+def test_grouped_batchnorm_normalises_each_group_alone():
+    bn = torch.nn.BatchNorm2d(3)
+    torch.nn.init.uniform_(bn.weight)
+    torch.nn.init.uniform_(bn.bias)
+    grouped = copy.deepcopy(bn)
+    grouped.__class__ = GroupedBatchNorm2d
+    grouped.groups = 4
+    x = torch.randn(8, 3, 5, 5) * 3 + 1
+    out = grouped(x)
+    for g in range(4):
+        members = torch.arange(g, 8, 4)  # sample i belongs to group i % 4
+        expected = F.batch_norm(x[members], None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        torch.testing.assert_close(out[members], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out, bn(x), atol=1e-3)
+
+
+def test_keys_do_not_depend_on_batch_order():
+    """Shuffle + grouped BN must give each key its own sample's feature back in place."""
+    model = small_model(groups=1)  # one group: BN statistics are permutation invariant
+    x = torch.randn(8, 3, 32, 32)
+    keys = model.encode_keys(x)
+    perm = torch.randperm(8)
+    torch.testing.assert_close(model.encode_keys(x[perm]), keys[perm], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(keys.norm(dim=1), torch.ones(8))
+
+
+def test_forward_shapes_and_gradients():
+    model = small_model()
+    b, l = 4, 3
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 4.0, 32.0, 20.0], [2.0, 2.0, 10.0, 30.0]]).repeat(b, 1, 1)
+    out = model(torch.randn(b, 3, 32, 32), torch.randn(b, 3, 32, 32), torch.randn(b, l, 3, 16, 16), boxes)
+    assert out.query.shape == (b, 16) and out.key.shape == (b, 16)
+    assert out.teacher.shape == (b, l, 16) and out.student.shape == (b, l, 16)
+    assert out.query.requires_grad and out.student.requires_grad
+    assert not out.key.requires_grad and not out.teacher.requires_grad
+
+
+def test_patch_teacher_pools_the_box_region():
+    """Teacher = head(mean of roi_align 2x2 at spatial_scale 1/stride) on the query feature map."""
+    model = small_model()
+    fmap = torch.randn(2, 64, 8, 8)
+    boxes = torch.tensor([[[0.0, 0.0, 32.0, 32.0]], [[8.0, 8.0, 24.0, 24.0]]])  # whole view; middle
+    out = model.patch_teacher(fmap, boxes)
+    # whole-view box, 2x2 bins of 4x4 cells each: the mean equals the global average pool
+    expected_whole = F.normalize(model.head(fmap[0].mean((1, 2))[None]), dim=1)
+    torch.testing.assert_close(out[0], expected_whole, rtol=1e-4, atol=1e-5)
+    # middle box in pixels 8..24 is feature cells 2..6
+    expected_mid = F.normalize(model.head(fmap[1, :, 2:6, 2:6].mean((1, 2))[None]), dim=1)
+    torch.testing.assert_close(out[1], expected_mid, rtol=1e-4, atol=1e-5)
