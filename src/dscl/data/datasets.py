@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 
 from dscl.data.images import ArrayDataset, ImageListDataset, find_bad_images
 from dscl.data.longtail import holdout_indices, longtail_counts, longtail_indices
-from dscl.data.readers import (read_coco_categories, read_coco_json, read_image_folder,
-                               read_split_json, read_split_text)
+from dscl.data.readers import (read_coco_json, read_image_folder, read_split_json,
+                               read_split_text)
 from dscl.data.synthetic import SyntheticLongTailed
 from dscl.errors import DataError
 
@@ -138,12 +138,16 @@ def _split_file(prefix: str, root: str, split: str, num_classes: int, required: 
     txt = os.path.join(root, f"{prefix}_{split}.txt")
     js = os.path.join(root, f"{prefix}_{split}.json")
     if os.path.isfile(txt):
-        return txt, read_split_text(txt, root, num_classes)
-    if os.path.isfile(js):
-        return js, read_split_json(js, root, num_classes)
-    if required:
+        path, listing = txt, read_split_text(txt, root, num_classes)
+    elif os.path.isfile(js):
+        path, listing = js, read_split_json(js, root, num_classes)
+    elif required:
         raise DataError(f"split file not found: {txt} (or {os.path.basename(js)})")
-    return None, None
+    else:
+        return None, None
+    if not listing[0]:
+        raise DataError(f"{path}: no entries, the {split} split would be empty")
+    return path, listing
 
 
 def _class_names(paths: list[str], labels: list[int], num_classes: int) -> list[str]:
@@ -163,9 +167,12 @@ def _split_lists(name: str, root: str) -> tuple[dict[str, Any], str, list[str]]:
         for f in (train_file, test_file):
             if not os.path.isfile(f):
                 raise DataError(f"inat2018: annotation file not found: {f}")
-        cat_ids, classes = read_coco_categories(train_file)
-        return ({"train": read_coco_json(train_file, root, cat_ids), "val": None,
-                 "test": read_coco_json(test_file, root, cat_ids)}, train_file, classes)
+        train, cat_ids, classes = read_coco_json(train_file, root)
+        test, _, _ = read_coco_json(test_file, root, cat_ids)
+        for f, listing in ((train_file, train), (test_file, test)):
+            if not listing[0]:
+                raise DataError(f"{f}: no annotated image, the split would be empty")
+        return {"train": train, "val": None, "test": test}, train_file, classes
     prefix, num_classes = _SPLIT_FILES[name]
     train_file, train = _split_file(prefix, root, "train", num_classes, True)
     _, val = _split_file(prefix, root, "val", num_classes, False)
@@ -175,6 +182,7 @@ def _split_lists(name: str, root: str) -> tuple[dict[str, Any], str, list[str]]:
 
 
 def _check(splits: DataSplits, where: str, note: str = "") -> DataSplits:
+    """Refuse empty splits and classes without a training image; ``where`` names the source."""
     for split in ("train", "val", "test"):
         ds = getattr(splits, split)
         if ds is not None and len(ds) == 0:
@@ -252,7 +260,7 @@ def build_splits(
         splits = _imagefolder(root, imbalance_ratio, val_per_class, seed)
         where = os.path.join(root, "train")
     else:
-        lists, where, classes = _split_lists(name, root)
+        lists, where, classes = _split_lists(name, root)  # where: the training file
         sets = {s: None if v is None else ImageListDataset(*v, classes) for s, v in lists.items()}
         splits = DataSplits(sets["train"], sets["val"], sets["test"], len(classes), classes, 224)
     _check(splits, where)

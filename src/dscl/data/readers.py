@@ -144,30 +144,34 @@ def _list_of_dicts(doc: dict, key: str, path: str) -> list[dict]:
     return value
 
 
-def read_coco_categories(path: str) -> tuple[list[int], list[str]]:
-    """Category ids (sorted; their position is the class index) and names of a COCO JSON."""
-    doc = _load_json(path)
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}: expected a JSON object with images, annotations, categories")
+def _coco_categories(doc: dict, path: str) -> tuple[list[int], list[str]]:
+    """Category ids (sorted; their position is the class index) and names."""
     cats = _list_of_dicts(doc, "categories", path)
     for i, cat in enumerate(cats):
         if not isinstance(cat.get("id"), int):
             raise DataError(f"{path}: categories[{i}].id missing or not an integer")
-    cats = sorted(cats, key=lambda c: c["id"])
     if not cats:
         raise DataError(f"{path}: 'categories' is empty")
+    cats = sorted(cats, key=lambda c: c["id"])
     return [c["id"] for c in cats], [str(c.get("name", c["id"])) for c in cats]
 
 
-def read_coco_json(path: str, root: str, category_ids: Sequence[int]) -> Listing:
-    """Read ``images`` / ``annotations`` of a COCO-style JSON (iNaturalist 2018).
+def read_coco_json(
+    path: str, root: str, category_ids: Sequence[int] | None = None
+) -> tuple[Listing, list[int], list[str]]:
+    """Read a COCO-style JSON (iNaturalist 2018): ``images``, ``annotations``, ``categories``.
 
-    Labels are positions of ``category_id`` in ``category_ids`` (the train file's categories).
-    Items follow the order of ``annotations``; images without an annotation are ignored.
+    Labels are positions of ``category_id`` among ``category_ids`` (pass the training file's
+    to read a test file), by default among this file's own sorted category ids. Items follow
+    the order of ``annotations``; images without an annotation are ignored. Returns
+    ``((paths, labels), category ids, class names)``.
     """
     doc = _load_json(path)
     if not isinstance(doc, dict):
         raise DataError(f"{path}: expected a JSON object with images, annotations, categories")
+    names: list[str] = []
+    if category_ids is None:
+        category_ids, names = _coco_categories(doc, path)
     images = _list_of_dicts(doc, "images", path)
     annotations = _list_of_dicts(doc, "annotations", path)
     files: dict[object, tuple[int, str]] = {}
@@ -182,7 +186,7 @@ def read_coco_json(path: str, root: str, category_ids: Sequence[int]) -> Listing
             raise DataError(f"{path}: annotations[{i}].image_id = {ann.get('image_id')!r} "
                             f"has no entry in 'images'")
         cid = ann.get("category_id")
-        if cid not in label_of:
+        if isinstance(cid, bool) or cid not in label_of:
             raise DataError(f"{path}: annotations[{i}].category_id = {cid!r} is not one of "
                             f"the {len(label_of)} training categories")
         j, name = files[ann["image_id"]]
@@ -190,4 +194,4 @@ def read_coco_json(path: str, root: str, category_ids: Sequence[int]) -> Listing
         paths.append(os.path.join(root, name))
         found.append((f"{path}: images[{j}].file_name", paths[-1]))
     _check_files(found, path)
-    return paths, labels
+    return (paths, labels), list(category_ids), names

@@ -41,7 +41,9 @@ class ClassBalancedSampler(Sampler[int]):
         if int(labels.min()) < 0:
             raise DataError(f"ClassBalancedSampler: negative label {int(labels.min())} in targets")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
         if num_samples is None:
             num_samples = labels.numel()
         if num_samples < 1:

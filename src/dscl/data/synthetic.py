@@ -7,7 +7,7 @@ rings, blobs, crosses, diamonds, each with its own two colours), placed at class
 of a 3 x 3 grid on a noisy background. Each part occurs in several classes and every tail class
 shares a part with a head class, so no single part names a class: the combination (and its
 layout) does. Per image the parts' positions, sizes, angles and colours jitter, the background
-tint, gradient and noise vary, and half the images carry one extra distractor part.
+tint, gradient and noise vary, and most images carry one or two distractor parts.
 
 The class design (which parts where) is fixed for a given ``num_classes``; ``seed`` changes the
 images. Each split and class draws from its own ``numpy`` generator keyed by (seed, split,
@@ -34,7 +34,10 @@ _SLOTS = (0.22, 0.5, 0.78)  # grid line positions, fraction of the image side
 _RADIUS = 0.15  # part radius, fraction of the image side
 
 
-def _design(num_classes: int) -> tuple[list[tuple[str, float, int, int]], list[list[tuple[int, int]]]]:
+Part = tuple[str, float, int, int]  # kind, angle in degrees, palette index of colours a, b
+
+
+def _design(num_classes: int) -> tuple[list[Part], list[list[tuple[int, int]]]]:
     """The part bank [(kind, angle, colour a, colour b)] and per class [(part, slot)]."""
     rng = np.random.default_rng([_DESIGN_SEED, num_classes])
     n_parts = min(18, max(6, num_classes // 2 + 3))
@@ -79,7 +82,7 @@ def _draw_classes(rng: np.random.Generator, num_classes: int, n_parts: int) -> l
     return classes
 
 
-def _render(img: np.ndarray, part: tuple[str, float, int, int], cx, cy, scale, angle, rng) -> None:
+def _render(img: np.ndarray, part: Part, cx, cy, scale, angle, rng) -> None:
     """Composite one part onto ``img`` (n,H,W,3) float, in place; cx, cy, scale, angle are (n,)."""
     n, h, w, _ = img.shape
     kind, base_angle, ca, cb = part
@@ -126,19 +129,20 @@ def _generate(bank, layout, n: int, size: int, rng: np.random.Generator) -> np.n
     img = base + grad[:, 0] * xs[None, :, :, None] + grad[:, 1] * ys[None, :, :, None]
     img = img + rng.normal(0, 18, img.shape)  # (n,H,W,3) background
 
-    distract = rng.random(n) < 0.5
-    which = rng.integers(0, len(bank), n)
-    for p in np.unique(which[distract]):
-        sel = distract & (which == p)
-        m = int(sel.sum())
-        sub = img[sel]
-        pos = rng.uniform(0.15, 0.85, (2, m)) * size
-        _render(sub, bank[p], pos[0], pos[1], rng.uniform(0.65, 0.9, m),
-                rng.uniform(-180, 180, m), rng)
-        img[sel] = sub
+    for _ in range(2):  # 0, 1 or 2 distractor parts anywhere, under the class's parts
+        distract = rng.random(n) < 0.5
+        which = rng.integers(0, len(bank), n)
+        for p in np.unique(which[distract]):
+            sel = distract & (which == p)
+            m = int(sel.sum())
+            sub = img[sel]
+            pos = rng.uniform(0.15, 0.85, (2, m)) * size
+            _render(sub, bank[p], pos[0], pos[1], rng.uniform(0.65, 0.9, m),
+                    rng.uniform(-180, 180, m), rng)
+            img[sel] = sub
     for part, slot in layout:
-        cx = (_SLOTS[slot % 3] + rng.normal(0, 0.04, n)) * size
-        cy = (_SLOTS[slot // 3] + rng.normal(0, 0.04, n)) * size
+        cx = (_SLOTS[slot % 3] + rng.normal(0, 0.05, n)) * size
+        cy = (_SLOTS[slot // 3] + rng.normal(0, 0.05, n)) * size
         _render(img, bank[part], cx, cy, rng.uniform(0.85, 1.15, n), rng.normal(0, 10, n), rng)
     img += rng.normal(0, 10, img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)

@@ -54,7 +54,7 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
     lc = cfg.linear
     backbone = backbone.to(rt.device)
     snapshot = freeze(backbone)
-    model = Classifier(backbone, splits.num_classes).to(rt.device)
+    model = Classifier(backbone, splits.num_classes).to(rt.device).eval()  # the fc has no mode-dependent layer
     torch.manual_seed(mix_seed(cfg.seed, 4))
     model.fc.reset_parameters()
     optimizer = torch.optim.SGD(model.fc.parameters(), lr=lc.lr, momentum=lc.momentum, weight_decay=lc.weight_decay)
@@ -86,7 +86,6 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         loader = make_loader(splits.train, transform, list(sampler), seed=cfg.seed + 1, epoch=epoch, rank=rt.rank,
                              batch=local_batch, start_step=start_step, num_workers=cfg.data.num_workers,
                              device=rt.device)
-        fc.train()
         total, seen, tic = 0.0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"linear {epoch + 1}/{lc.epochs}", initial=start_step, total=steps,
                    disable=not rt.is_main, leave=False)

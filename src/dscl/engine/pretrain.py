@@ -25,7 +25,7 @@ from ..errors import NumericalError
 from ..losses import decoupled_supcon_loss, patch_distillation_loss
 from ..models import Classifier, MomentumContrast, build_backbone
 from .distributed import Runtime, all_gather_cat, all_reduce_sum
-from .loaders import make_loader, mix_seed, shuffled_order, steps_per_epoch
+from .loaders import make_loader, mix_seed, seed_everything, shuffled_order, steps_per_epoch
 from .rundir import RunDir
 from .views import stage1_transform
 
@@ -87,6 +87,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
     if resume and final.is_file():
         return run.load(final)["model"]
     p = cfg.pretrain
+    seed_everything(mix_seed(cfg.seed, 0))  # the initial weights depend on the seed alone
     model = build_stage1_model(cfg, splits.num_classes).to(rt.device)
     global_batch = p.batch_size
     if global_batch % rt.world_size:

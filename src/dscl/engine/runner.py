@@ -47,6 +47,8 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
         t = time.perf_counter()
         state = pretrain(cfg, splits, rt, run_dir, resume)
         timings["pretrain_s"] = round(time.perf_counter() - t, 2)
+    if "linear" not in stages and "evaluate" not in stages:
+        return None
     if state is None:
         state = run_dir.load(run_dir.checkpoint("pretrain"))["model"]
     barrier()

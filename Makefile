@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pip takes torch from the local wheel cache where one is configured, from PyPI otherwise.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/dscl demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
