@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .engine.allocator import keep_freed_memory
 from .errors import DSCLError
 
 
@@ -62,6 +63,7 @@ def _stage_command(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         if args.command == "demo":
             from .demo import demo

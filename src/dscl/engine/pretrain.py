@@ -52,8 +52,9 @@ def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
-def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Loss of one batch and its parts (as floats), for any method."""
+def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
+                  supcon=decoupled_supcon_loss, pbsd=patch_distillation_loss) -> tuple[torch.Tensor, dict]:
+    """Loss of one batch and its parts, for any method (``supcon`` / ``pbsd``: the loss functions)."""
     views, labels = batch
     labels = labels.to(device, non_blocking=True)
     if cfg.method == "ce":
@@ -63,15 +64,15 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device) ->
     use_patches = cfg.uses_pbsd
     out = model(query_view, key_view, patches if use_patches else None, boxes if use_patches else None)
     queue = _unwrap(model).queue
-    contrast = decoupled_supcon_loss(out.query, out.key, labels, queue.keys, queue.labels,
+    contrast = supcon(out.query, out.key, labels, queue.keys, queue.labels,
                                      alpha=cfg.alpha, temperature=cfg.pretrain.temperature)
     parts = {"contrast": contrast}
     loss = contrast
     if use_patches:
-        pbsd = patch_distillation_loss(out.teacher, out.student, out.key, queue.keys, queue.labels,
-                                       temperature=cfg.pretrain.temperature)
-        loss = loss + cfg.pretrain.pbsd_weight * pbsd
-        parts["pbsd"] = pbsd
+        distill = pbsd(out.teacher, out.student, out.key, queue.keys, queue.labels,
+                       temperature=cfg.pretrain.temperature)
+        loss = loss + cfg.pretrain.pbsd_weight * distill
+        parts["pbsd"] = distill
     parts["loss"] = loss
     parts["_keys"] = out.key
     return loss, parts

@@ -7,8 +7,8 @@ feature ``c_i[j]``, the student from the feature of the cropped patch ``s_i[j]``
     t = softmax([c . k_i, c . M] / tau)         (no gradient)
     loss = mean_{i,j} -sum(t * log_softmax([s . k_i, s . M] / tau))
 
-Written as ``logsumexp(student) - sum(t * student_logits)`` so that only one (B*L, K) matrix per
-network is formed and no mask over the queue is needed.
+Written as ``logsumexp(student) - sum(t * student_logits)`` with the own-key column kept apart
+from the (B*L, K) queue block, so nothing of queue size is concatenated or masked.
 """
 
 from __future__ import annotations
@@ -39,19 +39,23 @@ def patch_distillation_loss(
         raise ValueError(f"key must be (B, D) = {(teacher.shape[0], teacher.shape[2])}, got {tuple(key.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    batch, patches, dim = student.shape
+    dim = student.shape[2]
     queue, _ = valid_queue(queue, queue_labels)
+    scaled_queue = queue.T / temperature  # (D, K)
 
-    def logits(features: Tensor) -> Tensor:  # (B, L, D) -> (B*L, 1 + K)
-        own = (features * key[:, None, :]).sum(-1).reshape(-1, 1)  # (B*L, 1): c . k_i
-        rest = features.reshape(-1, dim) @ queue.T  # (B*L, K)
-        return torch.cat([own, rest], 1) / temperature
+    def logits(features: Tensor) -> tuple[Tensor, Tensor]:  # own key (B*L,), queue (B*L, K)
+        own = (features * key[:, None, :]).sum(-1).reshape(-1) / temperature
+        return own, features.reshape(-1, dim) @ scaled_queue
 
     with torch.no_grad():
-        target = torch.softmax(logits(teacher.detach()), 1)  # (B*L, 1 + K)
-    student_logits = logits(student)
-    loss = torch.logsumexp(student_logits, 1) - (target * student_logits).sum(1)
-    return loss.mean()
+        own_t, queue_t = logits(teacher.detach())
+        log_norm = torch.logaddexp(own_t, torch.logsumexp(queue_t, 1))  # (B*L,)
+        weight_own = torch.exp(own_t - log_norm)
+        weight_queue = torch.exp(queue_t.sub_(log_norm[:, None]))  # teacher probabilities, in place
+    own_s, queue_s = logits(student)
+    log_z = torch.logaddexp(own_s, torch.logsumexp(queue_s, 1))
+    cross = weight_own * own_s + (weight_queue * queue_s).sum(1)  # sum_m t_m * student logit_m
+    return (log_z - cross).mean()
 
 
 class PatchDistillationLoss(nn.Module):

@@ -82,6 +82,7 @@ class MomentumContrast(nn.Module):
             p.requires_grad_(False)
         self.queue = LabelledQueue(queue_size, feature_dim)
         self.momentum = momentum
+        self.batched_patches = True
 
     def query_pairs(self):
         return zip([*self.encoder.parameters(), *self.head.parameters()],
@@ -113,8 +114,12 @@ class MomentumContrast(nn.Module):
             b, l = patches.shape[:2]
             with torch.no_grad():
                 teacher = self.patch_teacher(feature_map.detach(), boxes)
-            crops = patches.flatten(0, 1)  # (B*L, 3, P, P), one forward for all crops
-            student = F.normalize(self.head(self.encoder(crops)), dim=1).view(b, l, -1)
+            if self.batched_patches:
+                crops = patches.flatten(0, 1)  # (B*L, 3, P, P), one forward for all crops
+                student = F.normalize(self.head(self.encoder(crops)), dim=1).view(b, l, -1)
+            else:  # reference: one forward per patch index, as the authors' code does
+                student = torch.stack([F.normalize(self.head(self.encoder(patches[:, j])), dim=1)
+                                       for j in range(l)], 1)
         return ContrastOutput(query, key, teacher, student)
 
     def patch_teacher(self, feature_map: Tensor, boxes: Tensor) -> Tensor:

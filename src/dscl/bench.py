@@ -1,0 +1,115 @@
+"""``dscl bench``: time one full stage-1 training step on generated tensors.
+
+The step is what training does: forward of the query view, key view and patches, both losses,
+backward, SGD, EMA update, enqueue, with the queue full (every slot valid). It is timed after
+warm-up and set beside a plain cross-entropy step of the same backbone, batch and device, and
+beside its arithmetic cost: per image, 3 units for the query view (forward + backward), 1 for the
+key view (forward only) and 3 L (P/S)^2 for the patches, against 3 for the CE step.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import load_config
+from .engine.distributed import resolve_device
+from .engine.pretrain import build_stage1_model, stage1_losses
+from .engine.views import patch_size
+from .losses import dense
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Median milliseconds of ``steps`` timed steps after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        tic = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times) * 1000.0
+
+
+def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: int = 5, warmup: int = 2,
+          num_classes: int = 100, print_json: bool = True) -> dict:
+    cfg = load_config(config, overrides)
+    device = resolve_device(cfg.device)
+    size = cfg.data.image_size or (32 if cfg.model.backbone == "resnet32" else 224)
+    b, p = cfg.pretrain.batch_size, patch_size(cfg, size)
+    torch.manual_seed(cfg.seed)
+    gen = dict(device=device)
+    labels = torch.randint(0, num_classes, (b,), **gen)
+    if cfg.method == "ce":
+        raise SystemExit("dscl bench times a contrastive method against CE; choose method=scl, dscl, ... ")
+    model = build_stage1_model(cfg, num_classes).to(device).train()
+    model.batched_patches = not reference
+    with torch.no_grad():  # a full queue of unit keys with real labels
+        model.queue.keys.copy_(F.normalize(torch.randn_like(model.queue.keys), dim=1))
+        model.queue.labels.copy_(torch.randint(0, num_classes, model.queue.labels.shape, **gen))
+    num_patches = cfg.pretrain.num_patches
+    boxes = torch.tensor([0.0, 0.0, size / 2, size / 2], **gen).repeat(b, num_patches, 1)
+    batch = ((torch.randn(b, 3, size, size, **gen), torch.randn(b, 3, size, size, **gen),
+              torch.randn(b, num_patches, 3, p, p, **gen), boxes), labels)
+    optimizer = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.01, momentum=0.9)
+    losses = {}
+    if reference:
+        losses = {"supcon": dense.dense_decoupled_supcon_loss, "pbsd": dense.dense_patch_distillation_loss}
+
+    def step():
+        loss, parts = stage1_losses(model, batch, cfg, device, **losses)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.queue.enqueue(parts["_keys"], labels)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_ms = _time_steps(step, steps, warmup, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
+    ce_ms = _ce_step_ms(cfg, num_classes, batch[0][0], labels, steps, warmup, device)
+    patch_units = 3 * num_patches * (p / size) ** 2 if cfg.uses_pbsd else 0.0
+    flop_ratio = (3 + 1 + patch_units) / 3
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "method": cfg.method, "variant": "reference" if reference else "optimised", "backbone": cfg.model.backbone,
+        "image_size": size, "patch_size": p, "num_patches": num_patches, "batch_size": b,
+        "queue_size": cfg.pretrain.queue_size, "images_per_s": round(b / step_ms * 1000, 2), "step_ms": round(step_ms, 2),
+        "peak_mem_mb": round(peak, 1), "ce_images_per_s": round(b / ce_ms * 1000, 2), "ce_step_ms": round(ce_ms, 2),
+        "flop_ratio": round(flop_ratio, 3), "measured_ratio": round(step_ms / ce_ms, 3),
+    }
+    if print_json:
+        print(json.dumps(result))
+    return result
+
+
+def _ce_step_ms(cfg, num_classes, images, labels, steps, warmup, device) -> float:
+    ce_cfg = load_config(base={**cfg.to_dict(), "method": "ce"})
+    model = build_stage1_model(ce_cfg, num_classes).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return _time_steps(step, steps, warmup, device)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,50 @@
+"""Straightforward dense forms of both losses, as the authors' code builds them.
+
+Every candidate is concatenated into one (B, 2B + K) logit matrix and positives are picked with
+batch-by-queue boolean masks. Same values as :mod:`.decoupled_supcon` and
+:mod:`.patch_distillation`; kept so that ``dscl bench --reference`` measures what the
+factorised forms save, and as a second implementation to compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .decoupled_supcon import valid_queue
+
+
+def dense_decoupled_supcon_loss(query: Tensor, key: Tensor, labels: Tensor, queue: Tensor, queue_labels: Tensor,
+                                alpha: float | None = 0.1, temperature: float = 0.07) -> Tensor:
+    batch = query.shape[0]
+    queue, queue_labels = valid_queue(queue, queue_labels)
+    candidates = torch.cat([query, key, queue])  # (2B + K, D)
+    cand_labels = torch.cat([labels, labels, queue_labels])  # (2B + K,)
+    logits = query @ candidates.T / temperature  # (B, 2B + K)
+    eye = torch.eye(batch, dtype=torch.bool, device=query.device)
+    not_self = torch.cat([~eye, torch.ones(batch, batch + queue.shape[0], dtype=torch.bool, device=query.device)], 1)
+    own_key = torch.cat([torch.zeros_like(eye), eye, torch.zeros(batch, queue.shape[0], dtype=torch.bool,
+                                                                 device=query.device)], 1)
+    same = (labels[:, None] == cand_labels[None, :]) & not_self & ~own_key  # (B, 2B + K) mask of P_i
+    log_p = logits - torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), 1, keepdim=True)
+    num_pos = same.sum(1).to(query.dtype)
+    log_p_key = (log_p * own_key).sum(1)
+    sum_pos = (log_p * same).sum(1)
+    if alpha is None:
+        loss = -(log_p_key + sum_pos) / (num_pos + 1)
+    else:
+        loss = torch.where(num_pos > 0, -(alpha * log_p_key + (1 - alpha) * sum_pos / num_pos.clamp(min=1)), -log_p_key)
+    return loss.mean()
+
+
+def dense_patch_distillation_loss(teacher: Tensor, student: Tensor, key: Tensor, queue: Tensor, queue_labels: Tensor,
+                                  temperature: float = 0.07) -> Tensor:
+    queue, _ = valid_queue(queue, queue_labels)
+    d = student.shape[2]
+
+    def logits(features: Tensor) -> Tensor:  # (B*L, 1 + K), the own key's logit first
+        own = (features * key[:, None, :]).sum(-1).reshape(-1, 1)
+        return torch.cat([own, features.reshape(-1, d) @ queue.T], 1) / temperature
+
+    t = torch.softmax(logits(teacher.detach()), 1)
+    return -(t * torch.log_softmax(logits(student), 1)).sum(1).mean()
