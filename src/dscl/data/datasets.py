@@ -108,8 +108,8 @@ def _native_size(path: str) -> int:
     try:
         with Image.open(path) as img:
             w, h = img.size
-    except (OSError, ValueError, SyntaxError):
-        return 224
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 224  # unreadable: build_splits raises or drops it later
     return w if w == h and w <= 64 else 224
 
 
@@ -267,4 +267,6 @@ def build_splits(
     if skip_bad_images:
         splits = _drop_bad(splits)
         _check(splits, where, f" after dropping {len(splits.bad_files)} unreadable image(s)")
+        if name == "imagefolder" and splits.bad_files:  # the size came from the first file
+            splits.image_size = _native_size(splits.train.paths[0])
     return splits

@@ -7,6 +7,7 @@ file and line, not hours later inside a data-loader worker.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -85,13 +86,28 @@ def _label(value: object, where: str, num_classes: int) -> int:
     return label
 
 
+def _read_text(path: str) -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped); DataError names the line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        lineno = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}, line {lineno}: not UTF-8 text (byte {data[exc.start]:#04x}); "
+                        f"is this a split file?") from None
+
+
 def read_split_text(path: str, root: str, num_classes: int) -> Listing:
     """Read a ``relative/path label`` split file (ImageNet-LT, Places-LT); paths under root.
 
     Blank lines are skipped; every other line must hold exactly two whitespace-separated fields.
     """
     paths, labels, found = [], [], []
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(_read_text(path), newline=None) as f:  # universal newlines, as open() has
         for lineno, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:
@@ -108,11 +124,15 @@ def read_split_text(path: str, root: str, num_classes: int) -> Listing:
 
 
 def _load_json(path: str) -> object:
+    text = _read_text(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}, line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+        raise DataError(f"{path}: invalid JSON: {exc}") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON: arrays or objects nested too deeply") from None
 
 
 def read_split_json(path: str, root: str, num_classes: int) -> Listing:
@@ -134,6 +154,11 @@ def read_split_json(path: str, root: str, num_classes: int) -> Listing:
     return paths, labels
 
 
+def _is_key(value: object) -> bool:
+    """JSON values that can be ids: anything but arrays and objects (which are unhashable)."""
+    return not isinstance(value, (list, dict))
+
+
 def _list_of_dicts(doc: dict, key: str, path: str) -> list[dict]:
     value = doc.get(key)
     if not isinstance(value, list):
@@ -152,6 +177,11 @@ def _coco_categories(doc: dict, path: str) -> tuple[list[int], list[str]]:
             raise DataError(f"{path}: categories[{i}].id missing or not an integer")
     if not cats:
         raise DataError(f"{path}: 'categories' is empty")
+    seen: dict[int, int] = {}
+    for i, cat in enumerate(cats):
+        first = seen.setdefault(cat["id"], i)
+        if first != i:
+            raise DataError(f"{path}: categories[{i}].id = {cat['id']} repeats categories[{first}].id")
     cats = sorted(cats, key=lambda c: c["id"])
     return [c["id"] for c in cats], [str(c.get("name", c["id"])) for c in cats]
 
@@ -176,17 +206,18 @@ def read_coco_json(
     annotations = _list_of_dicts(doc, "annotations", path)
     files: dict[object, tuple[int, str]] = {}
     for j, img in enumerate(images):
-        if "id" not in img or not isinstance(img.get("file_name"), str):
-            raise DataError(f"{path}: images[{j}] needs 'id' and a string 'file_name'")
+        if "id" not in img or not _is_key(img["id"]) or not isinstance(img.get("file_name"), str):
+            raise DataError(f"{path}: images[{j}] needs an 'id' (a number or string) "
+                            f"and a string 'file_name'")
         files[img["id"]] = (j, img["file_name"])
     label_of = {cid: c for c, cid in enumerate(category_ids)}
     paths, labels, found = [], [], []
     for i, ann in enumerate(annotations):
-        if ann.get("image_id") not in files:
+        if not _is_key(ann.get("image_id")) or ann.get("image_id") not in files:
             raise DataError(f"{path}: annotations[{i}].image_id = {ann.get('image_id')!r} "
                             f"has no entry in 'images'")
         cid = ann.get("category_id")
-        if isinstance(cid, bool) or cid not in label_of:
+        if isinstance(cid, bool) or not _is_key(cid) or cid not in label_of:
             raise DataError(f"{path}: annotations[{i}].category_id = {cid!r} is not one of "
                             f"the {len(label_of)} training categories")
         j, name = files[ann["image_id"]]

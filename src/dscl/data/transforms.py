@@ -74,8 +74,8 @@ class ViewPatchTransform:
         std: Sequence[float] = IMAGENET_STD,
         photometric: bool = True,
     ) -> None:
-        if size < 1 or patch_size < 1 or num_patches < 1:
-            raise ValueError(f"size, patch_size, num_patches must be >= 1, got {size}, "
+        if size < 1 or patch_size < 1 or num_patches < 0:
+            raise ValueError(f"size and patch_size must be >= 1 and num_patches >= 0, got {size}, "
                              f"{patch_size}, {num_patches}")
         if not 0 < patch_scale[0] <= patch_scale[1] <= 1:
             raise ValueError(f"patch_scale must satisfy 0 < lo <= hi <= 1, got {patch_scale}")
@@ -124,7 +124,7 @@ class ViewPatchTransform:
         """The geometric query view g1 (crop + flip, no colour) and its L boxes, (L,4) float32."""
         g1 = self.flip(self.query_crop(img))
         boxes = torch.tensor([self.sample_box() for _ in range(self.num_patches)],
-                             dtype=torch.float32)
+                             dtype=torch.float32).reshape(self.num_patches, 4)
         return g1, boxes
 
     def patch(self, g1: Image.Image, box: Sequence[float]) -> Tensor:
@@ -137,7 +137,8 @@ class ViewPatchTransform:
         g1, boxes = self.sample_geometry(img)
         query = self.query_post(g1)  # (3,S,S)
         key = self.key_view(img)  # (3,S,S)
-        patches = torch.stack([self.patch(g1, b.tolist()) for b in boxes])  # (L,3,P,P)
+        patches = [self.patch(g1, b.tolist()) for b in boxes]
+        patches = torch.stack(patches) if patches else query.new_zeros(0, 3, self.patch_size, self.patch_size)  # (L,3,P,P)
         return query, key, patches, boxes
 
     def __repr__(self) -> str:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data import DataSplits
-from ..errors import NumericalError
+from ..errors import ConfigError, NumericalError
 from ..losses import decoupled_supcon_loss, patch_distillation_loss
 from ..models import Classifier, MomentumContrast, build_backbone
 from .distributed import Runtime, all_gather_cat, all_reduce_sum
@@ -82,17 +82,24 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: bool) -> dict:
-    """Train stage 1 and save ``checkpoints/pretrain.pt``; returns the final model state."""
+def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: bool) -> tuple[dict, bool]:
+    """Train stage 1 and save ``checkpoints/pretrain.pt``.
+
+    Returns the final model state and whether any training happened in this call (when it did,
+    a stage-2 checkpoint from before is stale).
+    """
     final = run.checkpoint("pretrain")
-    if resume and final.is_file():
-        return run.load(final)["model"]
     p = cfg.pretrain
+    if resume and final.is_file():
+        done = run.load(final)
+        if done.get("epochs") == p.epochs:
+            run.metrics = done["metrics"]
+            return done["model"], False
     seed_everything(mix_seed(cfg.seed, 0))  # the initial weights depend on the seed alone
     model = build_stage1_model(cfg, splits.num_classes).to(rt.device)
     global_batch = p.batch_size
     if global_batch % rt.world_size:
-        raise ValueError(f"pretrain.batch_size {global_batch} is not divisible by {rt.world_size} processes")
+        raise ConfigError(f"pretrain.batch_size: {global_batch} is not divisible by {rt.world_size} processes")
     local_batch = global_batch // rt.world_size
     steps = steps_per_epoch(len(splits.train), global_batch, p.steps_per_epoch)
     base_lr = p.lr * global_batch / 256
@@ -155,5 +162,6 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         start_step = 0
         save_last(epoch + 1, 0)
     if rt.is_main:
-        run.save(final, {"stage": "pretrain", "model": model.state_dict(), "complete": True})
-    return model.state_dict()
+        run.save(final, {"stage": "pretrain", "model": model.state_dict(), "epochs": p.epochs,
+                         "metrics": run.metrics, "complete": True})
+    return model.state_dict(), True

@@ -31,7 +31,15 @@ class RunDir:
         return self.path / "checkpoints" / f"{name}.pt"
 
     def prepare(self, config: dict, resume: bool) -> None:
-        """Refuse to write over another run; on resume, refuse a run that differs in what it is."""
+        """Refuse to write over another run; on resume, refuse a run that differs in what it is.
+
+        Every rank checks before any rank writes (callers put a barrier between ``check``
+        and ``write_config`` when running distributed); ``prepare`` does both for one process.
+        """
+        self.check(config, resume)
+        self.write_config()
+
+    def check(self, config: dict, resume: bool) -> None:
         saved_path = self.path / "config.yaml"
         self.config = config
         if saved_path.is_file():
@@ -47,9 +55,11 @@ class RunDir:
                 raise ConfigError(f"cannot resume {self.path}: the run there differs in\n  " + "\n  ".join(diffs))
         elif resume and self.path.exists() and any(self.path.iterdir()):
             raise ConfigError(f"{self.path} holds no dscl run to resume (no config.yaml)")
+
+    def write_config(self) -> None:
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
-            write_yaml(saved_path, config)
+            write_yaml(self.path / "config.yaml", self.config)
 
     def save(self, path: Path, state: dict) -> None:
         if self.is_main:

@@ -34,18 +34,19 @@ def load_data(cfg: Config) -> DataSplits:
 def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: bool = False) -> dict | None:
     """Run the given stages in order; returns the results (on rank 0) when ``evaluate`` ran."""
     run_dir = RunDir(out, rt.is_main)
-    run_dir.prepare(cfg.to_dict(), resume)
-    barrier()
+    run_dir.check(cfg.to_dict(), resume)
+    barrier()  # every rank has looked at --out before rank 0 writes into it
+    run_dir.write_config()
     tic = time.perf_counter()
     splits = load_data(cfg)
     run_dir.log(f"data {cfg.data.name}: {len(splits.train)} train / "
                 f"{len(splits.val) if splits.val is not None else 0} val / {len(splits.test)} test images, "
                 f"{splits.num_classes} classes, train counts {max(splits.train_counts)} to {min(splits.train_counts)}")
     timings = {}
-    state = None
+    state, retrained = None, False
     if "pretrain" in stages:
         t = time.perf_counter()
-        state = pretrain(cfg, splits, rt, run_dir, resume)
+        state, retrained = pretrain(cfg, splits, rt, run_dir, resume)
         timings["pretrain_s"] = round(time.perf_counter() - t, 2)
     if "linear" not in stages and "evaluate" not in stages:
         return None
@@ -58,7 +59,7 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
         model.to(rt.device)
     elif "linear" in stages:
         t = time.perf_counter()
-        model = train_linear(cfg, splits, rt, run_dir, backbone_from_stage1(cfg, state), resume)
+        model = train_linear(cfg, splits, rt, run_dir, backbone_from_stage1(cfg, state), resume and not retrained)
         timings["linear_s"] = round(time.perf_counter() - t, 2)
     else:
         model = _load_linear(cfg, splits, run_dir, state).to(rt.device)

@@ -28,7 +28,7 @@ def stage1_transform(cfg: Config, size: int):
     if cfg.method == "ce":
         return ce_train_transform(size, mean, std)
     scale = crop_scale(cfg, size)
-    return ViewPatchTransform(size, patch_size(cfg, size), num_patches=cfg.pretrain.num_patches,
+    return ViewPatchTransform(size, patch_size(cfg, size), num_patches=cfg.pretrain.num_patches if cfg.uses_pbsd else 0,
                               query_scale=scale, key_scale=scale, patch_scale=cfg.pretrain.patch_scale,
                               blur=not _small(size), mean=mean, std=std)
 

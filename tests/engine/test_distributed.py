@@ -1,0 +1,74 @@
+"""Two CPU processes on gloo: the queue after a step, and a short torchrun run that resumes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dscl.config import load_config
+from dscl.engine.distributed import all_gather_cat
+from dscl.engine.pretrain import build_stage1_model, stage1_losses
+
+SRC = str(Path(__file__).parents[2] / "src")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_step(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # same initial weights on both ranks, as DDP would broadcast
+    cfg = load_config(None, ["pretrain.batch_size=8", "pretrain.queue_size=16", "pretrain.num_patches=2",
+                             "pretrain.key_bn_groups=2", "method=dscl+pbsd"])
+    model = build_stage1_model(cfg, 5)
+    torch.manual_seed(100 + rank)  # each rank its own batch
+    b = 4
+    boxes = torch.tensor([0.0, 0.0, 16.0, 16.0]).repeat(b, 2, 1)
+    batch = ((torch.randn(b, 3, 32, 32), torch.randn(b, 3, 32, 32), torch.randn(b, 2, 3, 16, 16), boxes),
+             torch.randint(0, 5, (b,)))
+    loss, parts = stage1_losses(model, batch, cfg, torch.device("cpu"))
+    loss.backward()
+    keys = parts["_keys"]
+    model.queue.enqueue(all_gather_cat(keys), all_gather_cat(batch[1]))
+    torch.save({"keys": keys, "labels": batch[1], "queue": model.queue.keys.clone(),
+                "queue_labels": model.queue.labels.clone(), "ptr": int(model.queue.ptr)}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_rank_holds_the_same_queue_with_keys_of_both(tmp_path):
+    mp.start_processes(_one_step, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(r0["queue"], r1["queue"]) and torch.equal(r0["queue_labels"], r1["queue_labels"])
+    assert r0["ptr"] == r1["ptr"] == 8
+    torch.testing.assert_close(r0["queue"][:4], r0["keys"])  # rank 0's keys, then rank 1's
+    torch.testing.assert_close(r0["queue"][4:8], r1["keys"])
+    assert torch.equal(r0["queue_labels"][:8], torch.cat([r0["labels"], r1["labels"]]))
+    assert bool((r0["queue_labels"][8:] == -1).all())
+
+
+def torchrun(out: Path, overrides, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "dscl", "run", "--out", str(out), *extra, *[x for o in overrides for x in ("--set", o)]]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_process_run_trains_and_resumes(tmp_path, tiny_overrides):
+    out = tmp_path / "run"
+    first = torchrun(out, tiny_overrides + ["pretrain.epochs=1", "linear.epochs=1"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "effective batch 8 = 2 x 4" in (out / "log.txt").read_text()
+    again = torchrun(out, tiny_overrides + ["pretrain.epochs=2", "linear.epochs=1"], "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [["pretrain", "1"], ["pretrain", "2"], ["linear", "1"]]
+    assert json.loads((out / "results.json").read_text())["method"] == "dscl+pbsd"
