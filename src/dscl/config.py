@@ -31,6 +31,7 @@ class DataConfig:
     val_per_class: int = 0
     image_size: int | None = None  # None: the data set's native size (32 for CIFAR / synthetic, else 224)
     num_workers: int = 0
+    pipeline: str = "auto"  # auto | pil | tensor: per-image PIL transforms, or batched on the device
     skip_bad_images: bool = False
     synthetic_classes: int = 10
     synthetic_n_max: int = 500
@@ -191,6 +192,7 @@ def validate(cfg: Config) -> Config:
         (cfg.data.imbalance_ratio is None or cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio", "must be >= 1"),
         (cfg.data.val_per_class >= 0, "data.val_per_class", "must be >= 0"),
         (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (cfg.data.pipeline in ("auto", "pil", "tensor"), "data.pipeline", "must be auto, pil or tensor"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0"),
     ]
     for ok, key, message in checks:

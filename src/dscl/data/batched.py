@@ -1,28 +1,24 @@
 """Batched view / patch augmentation of uint8 image tensors, on the images' device.
 
-The per-image PIL pipeline (``dscl.data.transforms``) costs milliseconds per image on a CPU and
-needs CPU workers even when the data set would fit on the GPU. These modules take a whole batch
-of uint8 images ``(B,H,W,3)`` or ``(B,3,H,W)`` already in memory and build the same views with
-per-sample random parameters and batched tensor ops, so a CIFAR-size data set can stay resident
-on the GPU as uint8 and an epoch needs no decoding. Semantics: SPEC section 1 and
-``ViewPatchTransform``. Design choices:
+These modules take a whole batch of uint8 images ``(B,H,W,3)`` or ``(B,3,H,W)`` already in
+memory and build the views of ``dscl.data.transforms`` (SPEC section 1) with per-sample random
+parameters and batched tensor ops, so a CIFAR-size data set can stay on the GPU as uint8 and an
+epoch needs no CPU decoding; on a CPU they replace milliseconds of PIL work per image.
 
-- Crop-and-resize is ``grid_sample`` with per-box affine grids, one call for the query and key
-  crops of the whole batch and one for all B*L patches (the grids of one image are stacked, so
-  no image is gathered per box), and a flip is a negative x scale of the same grid. On this CPU
-  it ran 2-3x faster than ``roi_align(aligned=True)`` (9.6 vs 4.1 ms for the 2B views, 5.8 vs
-  2.6 ms for the B*L patches at B=128, S=32, P=16, one thread), and it makes the flips free.
-  It samples exactly where ``roi_align(..., aligned=True, sampling_ratio=1)`` does (boxes are
-  pixel edges, as for the model's patch teacher). Unlike PIL it does not antialias when a box
-  shrinks (patches shrink at most ~1.6x at the default scales); identity crops copy pixels
-  exactly when the side is a power of two, else to ~1e-5.
+- Crop-and-resize is ``grid_sample`` with per-box affine grids: one call for the query and key
+  crops of the batch, one for all B*L patches (the grids of one image are stacked, so no image
+  is copied per box); a flip is a negative x scale, so flips are free. It samples where
+  ``roi_align(aligned=True, sampling_ratio=1)`` does (boxes are pixel edges, as for the model's
+  patch teacher) and ran 2-3x faster than ``roi_align`` on this CPU (B=128, S=32, P=16, one
+  thread: 4.1 vs 9.6 ms for the 2B views, 2.6 vs 5.8 ms for the patches). Unlike PIL it does
+  not antialias a shrinking box (patches shrink at most ~1.6x at the default scales); identity
+  crops copy pixels exactly when the side is a power of two, else to ~1e-5.
 - Colour jitter uses per-sample factors and on/off masks, in the fixed order brightness,
-  contrast, saturation, hue (torchvision draws a random order per image). Each op is the
-  per-sample form of torchvision's tensor op (``adjust_brightness``, ...). Hue is a batched
-  RGB -> HSV -> RGB round trip with the hue shifted (torchvision's definition); a YIQ rotation
-  is cheaper but a different map.
+  contrast, saturation, hue (torchvision draws a random order per image); each op is the
+  per-sample form of torchvision's ``adjust_*`` on float tensors. Hue is a batched RGB -> HSV
+  -> RGB round trip (torchvision's definition); a YIQ rotation is cheaper but another map.
 - All random numbers come from ``generator`` (a ``torch.Generator`` on the images' device, or
-  the global generator when None) in a fixed order, so a batch is reproducible from a seed.
+  the global one when None) in a fixed order, so a batch is reproducible from a seed.
 """
 
 from __future__ import annotations
@@ -44,12 +40,11 @@ _TRIES = 10
 
 def to_float(images: Tensor) -> Tensor:
     """uint8 (B,H,W,3) or (B,3,H,W) -> float32 (B,3,H,W) in [0, 1], as ``ToTensor`` scales."""
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise TypeError(f"expected a uint8 batch (B,H,W,3) or (B,3,H,W), got {images.dtype} "
-                        f"{tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    if images.dim() != 4 or 3 not in (images.shape[1], images.shape[-1]):
+        raise ValueError(f"expected (B,H,W,3) or (B,3,H,W), got {tuple(images.shape)}")
     if images.shape[1] != 3:
-        if images.shape[-1] != 3:
-            raise ValueError(f"no RGB channel axis in shape {tuple(images.shape)}")
         images = images.permute(0, 3, 1, 2)
     return images.contiguous().float().div(255)
 
@@ -61,6 +56,13 @@ def _uniform(shape, lo: float, hi: float, gen, device) -> Tensor:
 def _first_valid(values: Tensor, ok: Tensor) -> Tensor:
     """The value at the first True of ``ok`` along the last axis (tries), (...,T) -> (...)."""
     return values.gather(-1, ok.to(torch.uint8).argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _tries(shape: tuple, area: int, scale: Sequence[float], gen, device):
+    """Ten rounded (w, h) per entry: area x U(scale), aspect log-uniform in (3/4, 4/3)."""
+    target = area * _uniform((*shape, _TRIES), *scale, gen, device)
+    ratio = _uniform((*shape, _TRIES), *_LOG_RATIO, gen, device).exp()
+    return (target * ratio).sqrt().round(), (target / ratio).sqrt().round()
 
 
 def _place(size: Tensor, room: int, gen) -> Tensor:
@@ -76,9 +78,7 @@ def random_resized_boxes(n: int, height: int, width: int, scale: Sequence[float]
     Ten tries per crop (area fraction uniform in ``scale``, log-uniform aspect ratio); the first
     whose rounded size fits wins; if none does, the central crop of clamped aspect ratio.
     """
-    target = height * width * _uniform((n, _TRIES), *scale, generator, device)
-    ratio = _uniform((n, _TRIES), *_LOG_RATIO, generator, device).exp()
-    w, h = (target * ratio).sqrt().round(), (target / ratio).sqrt().round()
+    w, h = _tries((n,), height * width, scale, generator, device)  # (n,T) each
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     w, h, found = _first_valid(w, ok), _first_valid(h, ok), ok.any(-1)
     fw, fh = width, height  # fallback: whole image, aspect ratio clamped into _RATIO
@@ -94,16 +94,10 @@ def random_resized_boxes(n: int, height: int, width: int, scale: Sequence[float]
 
 def random_patch_boxes(n: int, num: int, size: int, scale: Sequence[float], generator=None,
                        device=None) -> Tensor:
-    """``ViewPatchTransform.sample_box`` for n views of S x S, num boxes each -> (n,num,4).
-
-    Area fraction uniform in ``scale``, aspect log-uniform in (3/4, 4/3), rounded to whole
-    pixels; up to ten tries until the rounded box keeps both ranges, else a square of the mean
-    area; position uniform.
-    """
+    """``ViewPatchTransform.sample_box`` for n S x S views, num boxes each -> (n,num,4): the
+    first of ten tries whose rounded box keeps both ranges, else a square; position uniform."""
     lo, hi = scale
-    area = size * size * _uniform((n, num, _TRIES), lo, hi, generator, device)
-    ratio = _uniform((n, num, _TRIES), *_LOG_RATIO, generator, device).exp()
-    w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
+    w, h = _tries((n, num), size * size, scale, generator, device)  # (n,num,T) each
     frac, aspect = w * h / (size * size), w / h.clamp(min=1)
     ok = ((w > 0) & (w <= size) & (h > 0) & (h <= size) & (frac >= lo) & (frac <= hi)
           & (aspect >= _RATIO[0]) & (aspect <= _RATIO[1]))
@@ -152,21 +146,21 @@ def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
 
 def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
     """RGB -> HSV, hue + shift (mod 1), HSV -> RGB; x (N,3,H,W) in [0,1], shift (N,)."""
-    maxc, argmax = x.max(1)  # (N,H,W)
-    delta = maxc - x.min(1).values
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    r, g, b = x.unbind(1)
-    hue = torch.where(argmax == 0, (g - b) / safe,
-                      torch.where(argmax == 1, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
-    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
-    sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    # channel c = v - v*s*clamp(min(k, 4-k), 0, 1), k = (n_c + 6h) mod 6, n = 5, 3, 1 for R, G, B
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + 6.0 * hue.unsqueeze(1), 6.0)
-    ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    r, g, b = x.unbind(1)  # (N,H,W) each
+    maxc = torch.maximum(r, torch.maximum(g, b))
+    delta = maxc - torch.minimum(r, torch.minimum(g, b))
+    safe = torch.where(delta > 0, delta, 1.0)
+    hue = torch.where(r == maxc, (g - b) / safe,  # a tie for the max gives the same hue
+                      torch.where(g == maxc, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    hue = hue / 6.0 + shift.view(-1, 1, 1)  # grey pixels have hue 0
+    hue = hue - hue.floor()  # mod 1, cheaper than torch.remainder on a CPU
+    sat = delta / torch.where(maxc > 0, maxc, 1.0)
+    # channel = v - v*s*clamp(min(k, 4-k), 0, 1), k = (m + 6h) mod 6, m = 5, 3, 1 for R, G, B
+    m = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = m + 6.0 * hue.unsqueeze(1)  # (N,3,H,W), in [1, 11)
+    k = torch.where(k >= 6.0, k - 6.0, k)
     v = maxc.unsqueeze(1)
-    return v - v * sat.unsqueeze(1) * ramp
+    return v - v * sat.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
 def adjust_colour(x: Tensor, brightness: Tensor | None = None, contrast: Tensor | None = None,
@@ -188,10 +182,7 @@ def adjust_colour(x: Tensor, brightness: Tensor | None = None, contrast: Tensor 
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, radius: int = 6) -> Tensor:
-    """Per-sample Gaussian blur, x (N,C,H,W), sigma (N,); separable, reflect padding.
-
-    ``radius`` (default 3 x the largest sigma, 2) is cut to fit the image.
-    """
+    """Per-sample Gaussian blur, x (N,C,H,W), sigma (N,) <= radius / 3; reflect padding."""
     n, c, h, w = x.shape
     radius = max(0, min(radius, h - 1, w - 1))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
@@ -204,11 +195,9 @@ def gaussian_blur(x: Tensor, sigma: Tensor, radius: int = 6) -> Tensor:
 
 
 def random_photometric(x: Tensor, hue: float, p_jitter: float, p_gray: float, blur: bool,
-                generator=None) -> Tensor:
+                       generator=None) -> Tensor:
     """Jitter (0.4, 0.4, 0.4, hue) with prob. p_jitter, grayscale p_gray, blur p=0.5 if blur.
-
-    x (N,3,H,W) in [0,1]. Draws the same random numbers whatever the outcome.
-    """
+    x (N,3,H,W) in [0,1]; the random numbers drawn do not depend on the outcomes."""
     n, dev = x.shape[0], x.device
     on = torch.rand(n, generator=generator, device=dev) < p_jitter
     bcs = torch.where(on[:, None], _uniform((n, 3), 0.6, 1.4, generator, dev), 1.0)
@@ -224,24 +213,29 @@ def random_photometric(x: Tensor, hue: float, p_jitter: float, p_gray: float, bl
     return x
 
 
-class _Normalised(nn.Module):
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+class _BatchedTransform(nn.Module):
+    """Output size and normalisation shared by the batched transforms (uint8 batch in)."""
+
+    def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
+        self.size = size
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def normalise(self, x: Tensor) -> Tensor:
+        """(N,3,H,W) in [0,1] -> (x - mean) / std, as ``transforms.Normalize``."""
         return x.sub(self.mean.to(x.device)).div(self.std.to(x.device))
 
 
-class BatchedViewPatch(_Normalised):
+class BatchedViewPatch(_BatchedTransform):
     """Stage-1 views of a batch: query g1, key g2, L patches and their boxes (SPEC section 1).
 
     ``forward(images, generator)`` -> ``(query (B,3,S,S), key (B,3,S,S), patches (B,L,3,P,P),
-    boxes (B,L,4) float32)``, same meaning as ``ViewPatchTransform``: boxes are integer pixel
+    boxes (B,L,4) float32)``, as ``ViewPatchTransform`` per image: boxes are integer pixel
     edges in g1 after its flip; patches are cut from g1 before its colour ops, resized to P x P,
     then flipped and coloured on their own. ``photometric=False`` turns off colour, grayscale
-    and blur (flips stay).
+    and blur (flips stay). ``num_patches=0`` gives empty patches and boxes.
     """
 
     def __init__(self, size: int, patch_size: int, num_patches: int = 5,
@@ -250,13 +244,13 @@ class BatchedViewPatch(_Normalised):
                  patch_scale: tuple[float, float] = (0.05, 0.6), blur: bool = False,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  photometric: bool = True) -> None:
-        super().__init__(mean, std)
+        super().__init__(size, mean, std)
         if size < 1 or patch_size < 1 or num_patches < 0:
             raise ValueError(f"need size, patch_size >= 1 and num_patches >= 0, got {size}, "
                              f"{patch_size}, {num_patches}")
         if not 0 < patch_scale[0] <= patch_scale[1] <= 1:
             raise ValueError(f"patch_scale must satisfy 0 < lo <= hi <= 1, got {patch_scale}")
-        self.size, self.patch_size, self.num_patches = size, patch_size, num_patches
+        self.patch_size, self.num_patches = patch_size, num_patches
         self.query_scale, self.key_scale, self.patch_scale = query_scale, key_scale, patch_scale
         self.blur, self.photometric = blur, photometric
 
@@ -265,39 +259,42 @@ class BatchedViewPatch(_Normalised):
         (b, _, h, w), dev, s, p, n = x.shape, x.device, self.size, self.patch_size, self.num_patches
         crops = torch.stack([random_resized_boxes(b, h, w, self.query_scale, generator, dev),
                              random_resized_boxes(b, h, w, self.key_scale, generator, dev)], 1)
-        views = crop_resize(x, crops, s).view(b, 2, 3, s, s)
         flips = torch.rand(b, 2, generator=generator, device=dev) < 0.5
-        g1, key = flip(views[:, 0], flips[:, 0]), flip(views[:, 1], flips[:, 1])  # (B,3,S,S)
+        views = crop_resize(x, crops, s, flips)  # (B,2,3,S,S): cropped, resized, flipped
+        query, key = views[:, 0].contiguous(), views[:, 1].contiguous()  # geometric g1, g2
         boxes = random_patch_boxes(b, n, s, self.patch_scale, generator, dev)  # (B,L,4)
-        patches = crop_resize(g1, boxes, p)  # (B*L,3,P,P)
-        patches = flip(patches, torch.rand(b * n, generator=generator, device=dev) < 0.5)
-        query = g1
+        flips = torch.rand(b, n, generator=generator, device=dev) < 0.5
+        patches = crop_resize(query, boxes, p, flips).reshape(b * n, 3, p, p)
         if self.photometric:
-            query = random_photometric(g1, 0.1, 0.8, 0.2, self.blur, generator)
+            query = random_photometric(query, 0.1, 0.8, 0.2, self.blur, generator)
             key = random_photometric(key, 0.0, 1.0, 0.0, False, generator)
             patches = random_photometric(patches, 0.1, 0.8, 0.2, self.blur, generator)
         patches = self.normalise(patches).view(b, n, 3, p, p)
-        return self.normalise(query), self.normalise(key), patches, boxes.float()
+        return self.normalise(query), self.normalise(key), patches, boxes
 
 
-class BatchedQueryView(_Normalised):
+class BatchedQueryView(_BatchedTransform):
     """The g1 pipeline alone (stage-2 training augmentation): uint8 batch -> (B,3,S,S)."""
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0), blur: bool = False,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  photometric: bool = True) -> None:
-        super().__init__(mean, std)
-        self.size, self.scale, self.blur, self.photometric = size, scale, blur, photometric
+        super().__init__(size, mean, std)
+        self.scale, self.blur, self.photometric = scale, blur, photometric
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        x = to_float(images)
-        b, _, h, w = x.shape
-        boxes = random_resized_boxes(b, h, w, self.scale, generator, x.device)[:, None]
-        x = crop_resize(x, boxes, self.size)  # (B,3,S,S)
-        x = flip(x, torch.rand(b, generator=generator, device=x.device) < 0.5)
+        x = _random_crop_flip(to_float(images), self.size, self.scale, generator)
         if self.photometric:
             x = random_photometric(x, 0.1, 0.8, 0.2, self.blur, generator)
         return self.normalise(x)
+
+
+def _random_crop_flip(x: Tensor, size: int, scale, generator) -> Tensor:
+    """RandomResizedCrop + horizontal flip, (B,3,H,W) -> (B,3,S,S)."""
+    (b, _, h, w), dev = x.shape, x.device
+    boxes = random_resized_boxes(b, h, w, scale, generator, dev)[:, None]  # (B,1,4)
+    flips = torch.rand(b, 1, generator=generator, device=dev) < 0.5
+    return crop_resize(x, boxes, size, flips)[:, 0]
 
 
 def _resize(x: Tensor, size: int) -> Tensor:
@@ -307,40 +304,32 @@ def _resize(x: Tensor, size: int) -> Tensor:
     return F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-class BatchedCETransform(_Normalised):
-    """Supervised baseline augmentation: at S <= 64 a random crop of the 4-px zero-padded image
-    (resized to S x S first if needed) + flip; above, RandomResizedCrop (0.08, 1) + flip."""
-
-    def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
-        super().__init__(mean, std)
-        self.size = size
+class BatchedCETransform(_BatchedTransform):
+    """Supervised baseline augmentation: at S <= 64 a random S x S crop of the image (resized
+    to S x S first if needed) zero-padded by 4 px, + flip; above, RandomResizedCrop + flip."""
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         x, s = to_float(images), self.size
+        if s > 64:
+            return self.normalise(_random_crop_flip(x, s, (0.08, 1.0), generator))
         b, dev = x.shape[0], x.device
-        if s <= 64:
-            padded = F.pad(_resize(x, s), (4, 4, 4, 4))  # (B,3,S+8,S+8), zeros
-            offsets = torch.floor(torch.rand(b, 2, generator=generator, device=dev) * 9).long()
-            span = torch.arange(s, device=dev)
-            rows = (offsets[:, 1:] + span)[:, None, :, None]  # (B,1,S,1)
-            cols = (offsets[:, :1] + span)[:, None, None, :]  # (B,1,1,S)
-            x = padded[torch.arange(b, device=dev).view(-1, 1, 1, 1),
-                       torch.arange(3, device=dev).view(1, -1, 1, 1), rows, cols]
-        else:
-            h, w = x.shape[-2:]
-            x = crop_resize(x, random_resized_boxes(b, h, w, (0.08, 1.0), generator, dev)[:, None], s)
-        x = flip(x, torch.rand(b, generator=generator, device=dev) < 0.5)
+        padded = F.pad(_resize(x, s), (4, 4, 4, 4))  # (B,3,S+8,S+8), zero border
+        offset = (torch.rand(b, 2, generator=generator, device=dev) * 9).floor().clamp(max=8).long()
+        flips = torch.rand(b, 1, generator=generator, device=dev) < 0.5
+        span = torch.arange(s, device=dev)
+        rows = offset[:, 1:] + span  # (B,S)
+        cols = offset[:, :1] + torch.where(flips, s - 1 - span, span)  # a flip reverses columns
+        x = padded[torch.arange(b, device=dev)[:, None, None, None],
+                   torch.arange(3, device=dev)[None, :, None, None],
+                   rows[:, None, :, None], cols[:, None, None, :]]  # (B,3,S,S), exact pixels
         return self.normalise(x)
 
 
-class BatchedEval(_Normalised):
-    """Deterministic test-time transform: to float, resize to S x S if stored otherwise, normalise."""
+class BatchedEval(_BatchedTransform):
+    """Test-time transform: to float, resize to S x S if stored at another size, normalise.
 
-    def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
-        super().__init__(mean, std)
-        self.size = size
+    Unlike ``eval_transform`` above 64 px there is no centre crop: store images at S already.
+    """
 
     def forward(self, images: Tensor) -> Tensor:
         return self.normalise(_resize(to_float(images), self.size))

@@ -159,8 +159,8 @@ def _class_names(paths: list[str], labels: list[int], num_classes: int) -> list[
     return names if len(set(names)) == num_classes else [str(c) for c in range(num_classes)]
 
 
-def _split_lists(name: str, root: str) -> tuple[dict[str, Any], str, list[str]]:
-    """ImageNet-LT / Places-LT / iNat2018: ({split: listing or None}, train file, classes)."""
+def _split_lists(name: str, root: str) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """ImageNet-LT / Places-LT / iNat2018: ({split: listing or None}, {split: file}, classes)."""
     if name == "inat2018":
         train_file = os.path.join(root, "train2018.json")
         test_file = os.path.join(root, "val2018.json")
@@ -172,24 +172,28 @@ def _split_lists(name: str, root: str) -> tuple[dict[str, Any], str, list[str]]:
         for f, listing in ((train_file, train), (test_file, test)):
             if not listing[0]:
                 raise DataError(f"{f}: no annotated image, the split would be empty")
-        return {"train": train, "val": None, "test": test}, train_file, classes
+        return ({"train": train, "val": None, "test": test},
+                {"train": train_file, "val": train_file, "test": test_file}, classes)
     prefix, num_classes = _SPLIT_FILES[name]
     train_file, train = _split_file(prefix, root, "train", num_classes, True)
-    _, val = _split_file(prefix, root, "val", num_classes, False)
-    _, test = _split_file(prefix, root, "test", num_classes, True)
-    return ({"train": train, "val": val, "test": test}, train_file,
+    val_file, val = _split_file(prefix, root, "val", num_classes, False)
+    test_file, test = _split_file(prefix, root, "test", num_classes, True)
+    return ({"train": train, "val": val, "test": test},
+            {"train": train_file, "val": val_file or train_file, "test": test_file},
             _class_names(*train, num_classes))
 
 
-def _check(splits: DataSplits, where: str, note: str = "") -> DataSplits:
-    """Refuse empty splits and classes without a training image; ``where`` names the source."""
+def _check(splits: DataSplits, where: str | dict[str, str], note: str = "") -> DataSplits:
+    """Refuse empty splits and classes without a training image; ``where`` names the source,
+    one for all splits or one per split (the file or folder each split was read from)."""
+    source = where if isinstance(where, dict) else dict.fromkeys(("train", "val", "test"), where)
     for split in ("train", "val", "test"):
         ds = getattr(splits, split)
         if ds is not None and len(ds) == 0:
-            raise DataError(f"{where}: the {split} split is empty{note}")
+            raise DataError(f"{source[split]}: the {split} split is empty{note}")
     for c, n in enumerate(splits.train_counts):
         if n == 0:
-            raise DataError(f"{where}: class {c} ({splits.classes[c]}) has no training "
+            raise DataError(f"{source['train']}: class {c} ({splits.classes[c]}) has no training "
                             f"image{note}")
     return splits
 
@@ -258,9 +262,11 @@ def build_splits(
         return _check(_cifar(name, root, ratio, val_per_class, download, seed), name)
     if name == "imagefolder":
         splits = _imagefolder(root, imbalance_ratio, val_per_class, seed)
-        where = os.path.join(root, "train")
+        where = {s: os.path.join(root, s) for s in ("train", "val", "test")}
+        if not os.path.isdir(where["val"]):
+            where["val"] = where["train"]  # held out from the training images
     else:
-        lists, where, classes = _split_lists(name, root)  # where: the training file
+        lists, where, classes = _split_lists(name, root)  # where: each split's file
         sets = {s: None if v is None else ImageListDataset(*v, classes) for s, v in lists.items()}
         splits = DataSplits(sets["train"], sets["val"], sets["test"], len(classes), classes, 224)
     _check(splits, where)

@@ -96,7 +96,8 @@ def _read_text(path: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        lineno = data.count(b"\n", 0, exc.start) + 1
+        before = data[:exc.start].decode("utf-8-sig")  # counted as read_split_text counts lines
+        lineno = len(io.StringIO(before + "|", newline=None).readlines())
         raise DataError(f"{path}, line {lineno}: not UTF-8 text (byte {data[exc.start]:#04x}); "
                         f"is this a split file?") from None
 

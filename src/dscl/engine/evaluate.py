@@ -6,23 +6,21 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data import shot_groups
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
-            num_workers: int = 0, progress: bool = True, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and true labels of every sample, model in eval mode."""
+def predict(model: nn.Module, loader, *, device: torch.device, progress: bool = True,
+            desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true labels of every (images, labels) batch of ``loader``, model in eval mode."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     preds, labels = [], []
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
         preds.append(model(images.to(device, non_blocking=True)).argmax(1).cpu())
-        labels.append(torch.as_tensor(targets))
+        labels.append(torch.as_tensor(targets).cpu())
     model.train(was_training)
     return torch.cat(preds), torch.cat(labels)
 

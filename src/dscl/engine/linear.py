@@ -17,14 +17,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import Config
-from ..data import ClassBalancedSampler, DataSplits, TransformedDataset
+from ..data import ClassBalancedSampler, DataSplits
 from ..errors import NumericalError
 from ..models import Classifier, build_backbone
 from .distributed import Runtime, all_reduce_sum
 from .evaluate import accuracy_report, predict
 from .loaders import make_loader, mix_seed, steps_per_epoch
 from .rundir import RunDir
-from .views import linear_transform, test_transform
+from .tensor_data import TensorBatches, images_in_memory, use_tensor_pipeline
+from .views import eval_loader, linear_transform
 
 
 def backbone_from_stage1(cfg: Config, state: dict) -> nn.Module:
@@ -69,8 +70,14 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
     steps = steps_per_epoch(len(splits.train), lc.batch_size, lc.steps_per_epoch)
     sampler = ClassBalancedSampler(splits.train.targets, num_samples=steps * local_batch * rt.world_size,
                                    seed=mix_seed(cfg.seed, 5) % 2**31, rank=rt.rank, world_size=rt.world_size)
-    transform = linear_transform(cfg, splits.image_size)
-    val = TransformedDataset(splits.val, test_transform(splits.image_size)) if splits.val is not None else None
+    on_device = use_tensor_pipeline(cfg, splits.train)
+    transform = linear_transform(cfg, splits.image_size, on_device)
+    if on_device:
+        train_images, train_targets = images_in_memory(splits.train, rt.device)
+    val = None
+    if splits.val is not None:
+        val = eval_loader(splits.val, splits.image_size, on_device=use_tensor_pipeline(cfg, splits.val),
+                          batch=cfg.eval_batch_size, device=rt.device, num_workers=cfg.data.num_workers)
     run.log(f"stage 2: class-balanced, {steps} steps/epoch, effective batch {local_batch * rt.world_size}, lr {lc.lr:g}"
             + (", best epoch chosen on validation" if val is not None else ", no validation split: last epoch kept"))
 
@@ -83,9 +90,13 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         for group in optimizer.param_groups:
             group["lr"] = lr
         sampler.set_epoch(epoch)
-        loader = make_loader(splits.train, transform, list(sampler), seed=cfg.seed + 1, epoch=epoch, rank=rt.rank,
-                             batch=local_batch, start_step=start_step, num_workers=cfg.data.num_workers,
-                             device=rt.device)
+        if on_device:
+            loader = TensorBatches(train_images, train_targets, list(sampler), batch=local_batch, start_step=start_step,
+                                   transform=transform, seed=cfg.seed + 1, epoch=epoch, rank=rt.rank)
+        else:
+            loader = make_loader(splits.train, transform, list(sampler), seed=cfg.seed + 1, epoch=epoch,
+                                 rank=rt.rank, batch=local_batch, start_step=start_step,
+                                 num_workers=cfg.data.num_workers, device=rt.device)
         total, seen, tic = 0.0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"linear {epoch + 1}/{lc.epochs}", initial=start_step, total=steps,
                    disable=not rt.is_main, leave=False)
@@ -107,9 +118,8 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
                "images_per_s": round(float(all_reduce_sum(torch.tensor(float(seen * local_batch)))) / elapsed, 2),
                "loss": round(total / max(seen, 1), 5)}
         if val is not None:
-            preds, targets = predict(model, val, batch_size=cfg.eval_batch_size, device=rt.device,
-                                     num_workers=cfg.data.num_workers, progress=rt.is_main, desc="val")
-            row["val_top1"] = round(accuracy_report(preds, targets, splits.train_counts)["overall"], 4)
+            preds, truth = predict(model, val, device=rt.device, progress=rt.is_main, desc="val")
+            row["val_top1"] = round(accuracy_report(preds, truth, splits.train_counts)["overall"], 4)
             if best["val"] is None or row["val_top1"] > best["val"]:
                 best = {"epoch": epoch + 1, "val": row["val_top1"], "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
         else:

@@ -8,14 +8,15 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data import DataSplits, TransformedDataset, build_splits
+from ..data import DataSplits, build_splits
 from ..errors import CheckpointError
 from .distributed import Runtime, barrier
 from .evaluate import accuracy_report, predict
 from .linear import backbone_from_stage1, train_linear
 from .pretrain import build_stage1_model, pretrain
 from .rundir import RunDir
-from .views import test_transform
+from .tensor_data import use_tensor_pipeline
+from .views import eval_loader
 
 STAGES = ("pretrain", "linear", "evaluate")
 
@@ -66,8 +67,10 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
     if "evaluate" not in stages or not rt.is_main:
         return None
     t = time.perf_counter()
-    preds, labels = predict(model, TransformedDataset(splits.test, test_transform(splits.image_size)),
-                            batch_size=cfg.eval_batch_size, device=rt.device, num_workers=cfg.data.num_workers)
+    on_device = use_tensor_pipeline(cfg, splits.test)
+    loader = eval_loader(splits.test, splits.image_size, on_device=on_device, batch=cfg.eval_batch_size,
+                         device=rt.device, num_workers=cfg.data.num_workers)
+    preds, labels = predict(model, loader, device=rt.device)
     timings["evaluate_s"] = round(time.perf_counter() - t, 2)
     report = accuracy_report(preds, labels, splits.train_counts)
     results = {"method": cfg.method, "overall": report["overall"], "many": report["many"],

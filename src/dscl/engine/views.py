@@ -1,10 +1,16 @@
-"""Which transform each stage uses, with the size-dependent defaults of SPEC section 1."""
+"""Which transform each stage uses, per-image (PIL) or batched on the device, with the
+size-dependent defaults of SPEC section 1."""
 
 from __future__ import annotations
 
+import torch
+from torch.utils.data import DataLoader, Dataset
+
 from ..config import Config
-from ..data import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, ViewPatchTransform, ce_train_transform,
-                    eval_transform, query_view_transform)
+from ..data import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, TransformedDataset, ViewPatchTransform,
+                    ce_train_transform, eval_transform, query_view_transform)
+from ..data import batched
+from .tensor_data import eval_batches
 
 
 def _small(size: int) -> bool:
@@ -23,21 +29,28 @@ def patch_size(cfg: Config, size: int) -> int:
     return cfg.pretrain.patch_size or (size // 2 if _small(size) else 64)
 
 
-def stage1_transform(cfg: Config, size: int):
+def stage1_transform(cfg: Config, size: int, on_device: bool = False):
     mean, std = normalisation(size)
     if cfg.method == "ce":
-        return ce_train_transform(size, mean, std)
+        return batched.BatchedCETransform(size, mean=mean, std=std) if on_device else ce_train_transform(size, mean, std)
     scale = crop_scale(cfg, size)
-    return ViewPatchTransform(size, patch_size(cfg, size), num_patches=cfg.pretrain.num_patches if cfg.uses_pbsd else 0,
-                              query_scale=scale, key_scale=scale, patch_scale=cfg.pretrain.patch_scale,
-                              blur=not _small(size), mean=mean, std=std)
+    kind = batched.BatchedViewPatch if on_device else ViewPatchTransform
+    return kind(size, patch_size(cfg, size), num_patches=cfg.pretrain.num_patches if cfg.uses_pbsd else 0,
+                query_scale=scale, key_scale=scale, patch_scale=cfg.pretrain.patch_scale,
+                blur=not _small(size), mean=mean, std=std)
 
 
-def linear_transform(cfg: Config, size: int):
+def linear_transform(cfg: Config, size: int, on_device: bool = False):
     mean, std = normalisation(size)
-    return query_view_transform(size, scale=crop_scale(cfg, size), blur=not _small(size), mean=mean, std=std)
+    kind = batched.BatchedQueryView if on_device else query_view_transform
+    return kind(size, scale=crop_scale(cfg, size), blur=not _small(size), mean=mean, std=std)
 
 
-def test_transform(size: int):
+def eval_loader(dataset: Dataset, size: int, *, on_device: bool, batch: int, device: torch.device,
+                num_workers: int = 0):
+    """Batches (images, labels) of a whole split for evaluation, in order, un-augmented."""
     mean, std = normalisation(size)
-    return eval_transform(size, mean, std)
+    if on_device:
+        return list(eval_batches(dataset, batched.BatchedEval(size, mean=mean, std=std), batch, device))
+    return DataLoader(TransformedDataset(dataset, eval_transform(size, mean, std)), batch_size=batch,
+                      shuffle=False, num_workers=num_workers)
