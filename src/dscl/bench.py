@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .config import load_config
 from .engine.distributed import resolve_device
-from .engine.pretrain import build_stage1_model, stage1_losses
+from .engine.pretrain import build_stage1_model, prepare_model, stage1_losses
 from .engine.views import patch_size
 from .losses import dense
 
@@ -54,7 +54,7 @@ def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: 
     labels = torch.randint(0, num_classes, (b,), **gen)
     if cfg.method == "ce":
         raise SystemExit("dscl bench times a contrastive method against CE; choose method=scl, dscl, ... ")
-    model = build_stage1_model(cfg, num_classes).to(device).train()
+    model = prepare_model(build_stage1_model(cfg, num_classes).to(device).train(), cfg)
     model.batched_patches = not reference
     with torch.no_grad():  # a full queue of unit keys with real labels
         model.queue.keys.copy_(F.normalize(torch.randn_like(model.queue.keys), dim=1))
@@ -89,6 +89,7 @@ def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: 
         "queue_size": cfg.pretrain.queue_size, "images_per_s": round(b / step_ms * 1000, 2), "step_ms": round(step_ms, 2),
         "peak_mem_mb": round(peak, 1), "ce_images_per_s": round(b / ce_ms * 1000, 2), "ce_step_ms": round(ce_ms, 2),
         "flop_ratio": round(flop_ratio, 3), "measured_ratio": round(step_ms / ce_ms, 3),
+        "precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,
     }
     if print_json:
         print(json.dumps(result))
@@ -97,11 +98,11 @@ def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: 
 
 def _ce_step_ms(cfg, num_classes, images, labels, steps, warmup, device) -> float:
     ce_cfg = load_config(base={**cfg.to_dict(), "method": "ce"})
-    model = build_stage1_model(ce_cfg, num_classes).to(device).train()
+    model = prepare_model(build_stage1_model(ce_cfg, num_classes).to(device).train(), ce_cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
-        loss = F.cross_entropy(model(images), labels)
+        loss, _ = stage1_losses(model, (images, labels), ce_cfg, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

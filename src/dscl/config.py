@@ -89,6 +89,9 @@ class Config:
     method: str = "dscl+pbsd"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the networks; losses stay in float32)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the encoders
     eval_batch_size: int = 512
     checkpoint_every_steps: int = 0  # 0: once per epoch only
     data: DataConfig = field(default_factory=DataConfig)
@@ -193,6 +196,7 @@ def validate(cfg: Config) -> Config:
         (cfg.data.val_per_class >= 0, "data.val_per_class", "must be >= 0"),
         (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (cfg.data.pipeline in ("auto", "pil", "tensor"), "data.pipeline", "must be auto, pil or tensor"),
+        (cfg.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0"),
     ]
     for ok, key, message in checks:

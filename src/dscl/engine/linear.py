@@ -23,6 +23,7 @@ from ..models import Classifier, build_backbone
 from .distributed import Runtime, all_reduce_sum
 from .evaluate import accuracy_report, predict
 from .loaders import make_loader, mix_seed, steps_per_epoch
+from .pretrain import autocast, prepare_model, to_device
 from .rundir import RunDir
 from .tensor_data import TensorBatches, images_in_memory, use_tensor_pipeline
 from .views import eval_loader, linear_transform
@@ -56,6 +57,7 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
     backbone = backbone.to(rt.device)
     snapshot = freeze(backbone)
     model = Classifier(backbone, splits.num_classes).to(rt.device).eval()  # the fc has no mode-dependent layer
+    prepare_model(model, cfg)
     torch.manual_seed(mix_seed(cfg.seed, 4))
     model.fc.reset_parameters()
     optimizer = torch.optim.SGD(model.fc.parameters(), lr=lc.lr, momentum=lc.momentum, weight_decay=lc.weight_decay)
@@ -101,8 +103,8 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         bar = tqdm(loader, desc=f"linear {epoch + 1}/{lc.epochs}", initial=start_step, total=steps,
                    disable=not rt.is_main, leave=False)
         for step, (images, labels) in enumerate(bar, start=start_step):
-            with torch.no_grad():
-                features = backbone(images.to(rt.device, non_blocking=True))
+            with torch.no_grad(), autocast(cfg, rt.device):
+                features = backbone(to_device(images, rt.device, cfg)).float()
             loss = F.cross_entropy(fc(features), labels.to(rt.device))
             if not torch.isfinite(loss):
                 raise NumericalError(f"stage 2, epoch {epoch + 1}, step {step + 1}: loss is {loss.item()}")

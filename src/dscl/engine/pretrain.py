@@ -55,28 +55,62 @@ def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
 
 def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
                   supcon=decoupled_supcon_loss, pbsd=patch_distillation_loss) -> tuple[torch.Tensor, dict]:
-    """Loss of one batch and its parts, for any method (``supcon`` / ``pbsd``: the loss functions)."""
+    """Loss of one batch and its parts, for any method (``supcon`` / ``pbsd``: the loss functions).
+
+    With ``precision: bf16`` the networks run under autocast; the losses always run in float32
+    on float32 features (logits over a large queue at tau = 0.07 need the mantissa).
+    """
     views, labels = batch
     labels = labels.to(device, non_blocking=True)
     if cfg.method == "ce":
-        loss = F.cross_entropy(model(views.to(device, non_blocking=True)), labels)
+        with autocast(cfg, device):
+            logits = model(to_device(views, device, cfg))
+        loss = F.cross_entropy(logits.float(), labels)
         return loss, {"loss": loss}
-    query_view, key_view, patches, boxes = (v.to(device, non_blocking=True) for v in views)
+    query_view, key_view, patches, boxes = views
     use_patches = cfg.uses_pbsd
-    out = model(query_view, key_view, patches if use_patches else None, boxes if use_patches else None)
+    with autocast(cfg, device):
+        out = model(to_device(query_view, device, cfg), to_device(key_view, device, cfg),
+                    to_device(patches, device, cfg) if use_patches else None,
+                    boxes.to(device) if use_patches else None)
     queue = _unwrap(model).queue
-    contrast = supcon(out.query, out.key, labels, queue.keys, queue.labels,
-                                     alpha=cfg.alpha, temperature=cfg.pretrain.temperature)
+    key = out.key.float()
+    contrast = supcon(out.query.float(), key, labels, queue.keys, queue.labels,
+                      alpha=cfg.alpha, temperature=cfg.pretrain.temperature)
     parts = {"contrast": contrast}
     loss = contrast
     if use_patches:
-        distill = pbsd(out.teacher, out.student, out.key, queue.keys, queue.labels,
+        distill = pbsd(out.teacher.float(), out.student.float(), key, queue.keys, queue.labels,
                        temperature=cfg.pretrain.temperature)
         loss = loss + cfg.pretrain.pbsd_weight * distill
         parts["pbsd"] = distill
     parts["loss"] = loss
-    parts["_keys"] = out.key
+    parts["_keys"] = key
     return loss, parts
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast for the networks when ``precision: bf16``; a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def to_device(images: torch.Tensor, device: torch.device, cfg: Config) -> torch.Tensor:
+    """Move a (..., 3, H, W) image batch, in channels-last layout when asked."""
+    images = images.to(device, non_blocking=True)
+    if cfg.channels_last and images.ndim == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
+    """Channels-last weights and ``torch.compile`` of the encoders, in place (state-dict keys unchanged)."""
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        for name in ("encoder", "key_encoder", "backbone"):
+            if hasattr(model, name):
+                getattr(model, name).compile()
+    return model
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -97,7 +131,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
             run.metrics = done["metrics"]
             return done["model"], False
     seed_everything(mix_seed(cfg.seed, 0))  # the initial weights depend on the seed alone
-    model = build_stage1_model(cfg, splits.num_classes).to(rt.device)
+    model = prepare_model(build_stage1_model(cfg, splits.num_classes).to(rt.device), cfg)
     global_batch = p.batch_size
     if global_batch % rt.world_size:
         raise ConfigError(f"pretrain.batch_size: {global_batch} is not divisible by {rt.world_size} processes")
