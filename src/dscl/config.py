@@ -9,6 +9,8 @@ config; library code takes plain arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -124,8 +126,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@dataclass
+class _Override:
+    """A ``--set`` value: parsed as YAML, with the text kept for keys that take a string."""
+
+    parsed: Any
+    text: str
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against a type hint, converting int to float and lists to tuples."""
+    if isinstance(value, _Override):
+        takes_str = hint is str or str in typing.get_args(hint)
+        if takes_str and value.parsed is not None and not isinstance(value.parsed, (str, list, dict)):
+            return value.text.strip()  # a folder named 2018, a name like "yes"
+        value = value.parsed
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -146,6 +161,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return tuple(_coerce(v, t, f"{key}[{n}]") for n, (v, t) in enumerate(zip(value, item_types)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. a folder named 2018
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
@@ -161,6 +183,8 @@ def _update(obj: Any, values: dict, prefix: str = "") -> None:
             hint = f" (did you mean {', '.join(sorted(prefix + c for c in close))}?)" if close else ""
             raise ConfigError(f"unknown key {key!r}{hint}")
         current = getattr(obj, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, _Override):
+            value = value.parsed
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
@@ -198,7 +222,25 @@ def validate(cfg: Config) -> Config:
         (cfg.data.pipeline in ("auto", "pil", "tensor"), "data.pipeline", "must be auto, pil or tensor"),
         (cfg.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0"),
+        (cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1"),
+        (cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size", "must be >= 8"),
+        (cfg.model.feature_dim >= 1, "model.feature_dim", "must be >= 1"),
+        (cfg.pretrain.patch_size is None or cfg.pretrain.patch_size >= 1, "pretrain.patch_size", "must be >= 1"),
+        (cfg.pretrain.crop_scale is None or 0 < cfg.pretrain.crop_scale[0] <= cfg.pretrain.crop_scale[1] <= 1,
+         "pretrain.crop_scale", "must be 0 < low <= high <= 1"),
+        (cfg.pretrain.steps_per_epoch is None or cfg.pretrain.steps_per_epoch >= 1, "pretrain.steps_per_epoch",
+         "must be >= 1 (or null)"),
+        (cfg.linear.steps_per_epoch is None or cfg.linear.steps_per_epoch >= 1, "linear.steps_per_epoch",
+         "must be >= 1 (or null)"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "device", "must be auto, cpu, cuda, cuda:N or mps"),
     ]
+    for section in ("pretrain", "linear"):
+        sub = getattr(cfg, section)
+        checks += [
+            (sub.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0"),
+            (0 <= sub.momentum < 1, f"{section}.momentum", "must lie in [0, 1)"),
+            (math.isfinite(sub.lr), f"{section}.lr", "must be finite"),
+        ]
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
@@ -206,15 +248,28 @@ def validate(cfg: Config) -> Config:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (["a", "b"], YAML-parsed value)."""
+    """``a.b=value`` -> (["a", "b"], the value parsed as YAML, with its text kept)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value")
     key, raw = text.split("=", 1)
+    value = _safe_yaml(raw) if raw.strip() else None
+    if isinstance(value, _Unparsed):
+        value = raw  # not YAML: keep the text; the key's type decides whether it is acceptable
+    return key.strip().split("."), _Override(value, raw)
+
+
+class _Unparsed:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _safe_yaml(text: str):
+    """``yaml.safe_load`` that returns _Unparsed for any failure: PyYAML raises more than
+    YAMLError on odd input (ValueError for 2001-02-30, RecursionError for deep nesting...)."""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
-    return key.strip().split("."), value
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        return _Unparsed(exc)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
@@ -225,13 +280,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
-        try:
-            values = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a UTF-8 text file: {exc}") from exc
+        values = _safe_yaml(text)
+        if isinstance(values, _Unparsed):
+            raise ConfigError(f"{path}: not valid YAML: {values.error}")
+        values = {} if values is None else values
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(values).__name__}")
         try:
@@ -247,7 +304,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             _update(cfg, nested)
         except ConfigError as exc:
             raise ConfigError(f"--set: {exc}") from exc
-    return validate(cfg)
+    try:
+        return validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from exc
 
 
 def config_from_dict(values: dict) -> Config:

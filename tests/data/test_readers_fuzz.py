@@ -7,7 +7,6 @@ documented format: the first malformed line (entry) is the one reported; a file 
 to exactly the labels it lists.
 """
 
-import io
 import json
 import os
 import re
@@ -70,6 +69,10 @@ def split_lines(draw, num_classes: int):
     return newline.join(lines) + draw(st.sampled_from(["", newline]))
 
 
+def cut(data: bytes, fraction: float) -> bytes:
+    return data[: int(len(data) * fraction)]
+
+
 def text_files(num_classes: int):
     return st.one_of(
         split_lines(num_classes).map(lambda t: t.encode()),
@@ -77,7 +80,7 @@ def text_files(num_classes: int):
         st.text(max_size=80).map(lambda t: t.encode()),
         st.binary(max_size=80),
         st.tuples(split_lines(num_classes), st.binary(min_size=1, max_size=4)).map(  # junk mid-file
-            lambda t: t[0].encode()[: len(t[0]) // 2] + t[1] + t[0].encode()[len(t[0]) // 2:]),
+            lambda t: cut(t[0].encode(), 0.5) + t[1] + t[0].encode()[len(cut(t[0].encode(), 0.5)):]),
         st.just(b""),
     )
 
@@ -126,8 +129,7 @@ def json_files(documents):
     return st.one_of(
         documents.map(lambda d: json.dumps(d).encode()),
         documents.map(lambda d: json.dumps(d, indent=1).encode()),
-        st.tuples(documents, st.floats(0, 1)).map(
-            lambda t: json.dumps(t[0], indent=1).encode()[: int(len(json.dumps(t[0], indent=1)) * t[1])]),
+        st.tuples(documents, st.floats(0, 1)).map(lambda t: cut(json.dumps(t[0], indent=1).encode(), t[1])),
         documents.map(lambda d: b"\xef\xbb\xbf" + json.dumps(d).encode()),
         st.text(max_size=60).map(lambda t: t.encode()),
         st.binary(max_size=60),

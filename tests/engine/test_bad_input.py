@@ -244,8 +244,8 @@ def test_bad_value_in_recipe(tmp_path, tiny_overrides, capsys):
     assert_refused(rc, capsys.readouterr().err, tmp_path / "run", "pretrain.alpha")
 
 
-# Keys that validate() does not range-check: the run starts and fails deep inside torch with a
-# traceback (main() lets the exception through) instead of one message naming the key.
+# Values out of range that once reached torch and failed there with a traceback: each must be
+# refused up front with one message naming the key.
 UNCHECKED = [
     "pretrain.weight_decay=-1", "pretrain.momentum=-1", "linear.weight_decay=-1", "linear.momentum=-0.5",
     "eval_batch_size=0", "data.image_size=-5", "model.feature_dim=0", "pretrain.steps_per_epoch=-1",
@@ -253,7 +253,6 @@ UNCHECKED = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="config.py: validate() lets these values through")
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("override", UNCHECKED)
 def test_unchecked_value(tmp_path, tiny_overrides, capsys, override):
