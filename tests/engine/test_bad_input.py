@@ -138,8 +138,8 @@ def test_bad_image_folder(tmp_path, tiny_overrides, capsys, make):
     assert_refused(rc, capsys.readouterr().err, tmp_path / "run", *words)
 
 
-def test_corrupt_test_image_fails_at_evaluation(tmp_path, tiny_overrides, capsys):
-    """Images are decoded when first used: a bad test image is only met after training."""
+def test_corrupt_test_image_fails_before_training(tmp_path, tiny_overrides, capsys):
+    """Validation and test images are decoded before training: a bad one stops the run at once."""
     root = image_folder(tmp_path / "data")
     corrupt(root / "test" / "c0" / "bad.jpg")
     out = tmp_path / "run"
@@ -147,6 +147,7 @@ def test_corrupt_test_image_fails_at_evaluation(tmp_path, tiny_overrides, capsys
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "bad.jpg" in err
     assert not (out / "results.json").exists()
+    assert not (out / "checkpoints").exists()  # stopped before stage 1 began
 
 
 @pytest.mark.parametrize("method", ["dscl+pbsd", "ce"])

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dscl.data.images import ArrayDataset, ImageListDataset, find_bad_images
+from dscl.data.images import ArrayDataset, ImageListDataset, find_bad_images, load_rgb
 from dscl.data.longtail import holdout_indices, longtail_counts, longtail_indices
 from dscl.data.readers import (read_coco_json, read_image_folder, read_split_json,
                                read_split_text)
@@ -212,6 +212,21 @@ def _drop_bad(splits: DataSplits) -> DataSplits:
     return splits
 
 
+def _check_eval_images(splits: DataSplits) -> None:
+    """Decode the validation and test images once, before any training: a corrupt test image
+    must not surface only after hours of training. Training images are read as they come."""
+    paths = [p for ds in (splits.val, splits.test) if isinstance(ds, ImageListDataset) for p in ds.paths]
+    bad = find_bad_images(dict.fromkeys(paths))
+    if bad:
+        try:
+            load_rgb(bad[0])
+            reason = ""
+        except DataError as exc:
+            reason = f": {exc}"
+        raise DataError(f"{len(bad)} unreadable image(s) in the validation / test splits, first {bad[0]}{reason}; "
+                        f"replace them, or set data.skip_bad_images: true to drop them")
+
+
 def build_splits(
     name: str,
     root: str | None = None,
@@ -270,6 +285,8 @@ def build_splits(
         sets = {s: None if v is None else ImageListDataset(*v, classes) for s, v in lists.items()}
         splits = DataSplits(sets["train"], sets["val"], sets["test"], len(classes), classes, 224)
     _check(splits, where)
+    if not skip_bad_images:
+        _check_eval_images(splits)
     if skip_bad_images:
         splits = _drop_bad(splits)
         _check(splits, where, f" after dropping {len(splits.bad_files)} unreadable image(s)")
