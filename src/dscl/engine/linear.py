@@ -22,10 +22,11 @@ from ..errors import NumericalError
 from ..models import Classifier, build_backbone
 from .distributed import Runtime, all_reduce_sum
 from .evaluate import accuracy_report, predict
-from .loaders import make_loader, mix_seed, steps_per_epoch
+from .loaders import EpochBatches, steps_per_epoch
 from .pretrain import autocast, prepare_model, to_device
 from .rundir import RunDir
-from .tensor_data import TensorBatches, images_in_memory, use_tensor_pipeline
+from .seeding import mix_seed
+from .tensor_data import use_tensor_pipeline
 from .views import eval_loader, linear_transform
 
 
@@ -72,10 +73,8 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
     steps = steps_per_epoch(len(splits.train), lc.batch_size, lc.steps_per_epoch)
     sampler = ClassBalancedSampler(splits.train.targets, num_samples=steps * local_batch * rt.world_size,
                                    seed=mix_seed(cfg.seed, 5) % 2**31, rank=rt.rank, world_size=rt.world_size)
-    on_device = use_tensor_pipeline(cfg, splits.train)
-    transform = linear_transform(cfg, splits.image_size, on_device)
-    if on_device:
-        train_images, train_targets = images_in_memory(splits.train, rt.device)
+    batches = EpochBatches(cfg, splits.train, lambda on_device: linear_transform(cfg, splits.image_size, on_device),
+                           rt, batch=local_batch, seed=cfg.seed + 1)
     val = None
     if splits.val is not None:
         val = eval_loader(splits.val, splits.image_size, on_device=use_tensor_pipeline(cfg, splits.val),
@@ -92,13 +91,7 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         for group in optimizer.param_groups:
             group["lr"] = lr
         sampler.set_epoch(epoch)
-        if on_device:
-            loader = TensorBatches(train_images, train_targets, list(sampler), batch=local_batch, start_step=start_step,
-                                   transform=transform, seed=cfg.seed + 1, epoch=epoch, rank=rt.rank)
-        else:
-            loader = make_loader(splits.train, transform, list(sampler), seed=cfg.seed + 1, epoch=epoch,
-                                 rank=rt.rank, batch=local_batch, start_step=start_step,
-                                 num_workers=cfg.data.num_workers, device=rt.device)
+        loader = batches.epoch(list(sampler), epoch, start_step)
         total, seen, tic = 0.0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"linear {epoch + 1}/{lc.epochs}", initial=start_step, total=steps,
                    disable=not rt.is_main, leave=False)

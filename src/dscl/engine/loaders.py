@@ -8,29 +8,15 @@ the epoch and the number of batches already done.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..config import Config
 from .distributed import Runtime
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix64 steps), stable across runs and platforms."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return x & 0x7FFFFFFFFFFFFFFF
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from .seeding import mix_seed, seed_everything
+from .tensor_data import TensorBatches, images_in_memory, use_tensor_pipeline
 
 
 class SeededDataset(Dataset):
@@ -86,3 +72,21 @@ def steps_per_epoch(num_samples: int, global_batch: int, cap: int | None) -> int
     if steps == 0:
         steps = 1  # a data set smaller than one batch still trains (order wraps around)
     return min(steps, cap) if cap else steps
+
+
+class EpochBatches:
+    """A training split's batches, epoch by epoch: on the device (whole-batch views of an
+    in-memory uint8 copy) where ``data.pipeline`` allows, otherwise per image in a DataLoader."""
+
+    def __init__(self, cfg: Config, dataset: Dataset, transform_for, rt: Runtime, *, batch: int, seed: int):
+        self.on_device = use_tensor_pipeline(cfg, dataset)
+        self.transform = transform_for(self.on_device)
+        self.tensors = images_in_memory(dataset, rt.device) if self.on_device else None
+        self.dataset, self.rt, self.batch, self.seed, self.workers = dataset, rt, batch, seed, cfg.data.num_workers
+
+    def epoch(self, order: Sequence[int], epoch: int, start_step: int):
+        if self.tensors is not None:
+            return TensorBatches(*self.tensors, order, batch=self.batch, start_step=start_step,
+                                 transform=self.transform, seed=self.seed, epoch=epoch, rank=self.rt.rank)
+        return make_loader(self.dataset, self.transform, order, seed=self.seed, epoch=epoch, rank=self.rt.rank,
+                           batch=self.batch, start_step=start_step, num_workers=self.workers, device=self.rt.device)

@@ -25,9 +25,9 @@ from ..errors import ConfigError, NumericalError
 from ..losses import decoupled_supcon_loss, patch_distillation_loss
 from ..models import Classifier, MomentumContrast, build_backbone
 from .distributed import Runtime, all_gather_cat, all_reduce_sum
-from .loaders import make_loader, mix_seed, seed_everything, shuffled_order, steps_per_epoch
+from .loaders import EpochBatches, shuffled_order, steps_per_epoch
 from .rundir import RunDir
-from .tensor_data import TensorBatches, images_in_memory, use_tensor_pipeline
+from .seeding import mix_seed, seed_everything
 from .views import stage1_transform
 
 
@@ -150,10 +150,8 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
     run.log(f"stage 1 ({cfg.method}): {len(splits.train)} images, {steps} steps/epoch, effective batch "
             f"{global_batch} = {rt.world_size} x {local_batch}, lr {base_lr:g} (= {p.lr:g} x {global_batch}/256)")
     net = DistributedDataParallel(model) if rt.distributed else model
-    on_device = use_tensor_pipeline(cfg, splits.train)
-    transform = stage1_transform(cfg, splits.image_size, on_device)
-    if on_device:
-        train_images, train_targets = images_in_memory(splits.train, rt.device)
+    batches = EpochBatches(cfg, splits.train, lambda on_device: stage1_transform(cfg, splits.image_size, on_device),
+                           rt, batch=local_batch, seed=cfg.seed)
 
     def save_last(epoch: int, step: int) -> None:
         if rt.is_main:
@@ -163,13 +161,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
     total_steps, warmup = p.epochs * steps, p.warmup_epochs * steps
     for epoch in range(start_epoch, p.epochs):
         order = shuffled_order(len(splits.train), cfg.seed, epoch, rt, steps, local_batch)
-        if on_device:
-            loader = TensorBatches(train_images, train_targets, order, batch=local_batch, start_step=start_step,
-                                   transform=transform, seed=cfg.seed, epoch=epoch, rank=rt.rank)
-        else:
-            loader = make_loader(splits.train, transform, order, seed=cfg.seed, epoch=epoch, rank=rt.rank,
-                                 batch=local_batch, start_step=start_step, num_workers=cfg.data.num_workers,
-                                 device=rt.device)
+        loader = batches.epoch(order, epoch, start_step)
         net.train()
         sums, seen, tic = {}, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"pretrain {epoch + 1}/{p.epochs}", initial=start_step, total=steps,
@@ -190,7 +182,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
                 _unwrap(net).queue.enqueue(all_gather_cat(parts.pop("_keys")),
                                            all_gather_cat(batch[1].to(rt.device)))
             for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
+                sums[name] = sums.get(name, 0.0) + value.detach()
             seen += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
             if cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < steps:
@@ -199,7 +191,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         seen_all = float(all_reduce_sum(torch.tensor(float(seen * local_batch))))
         row = {"stage": "pretrain", "epoch": epoch + 1, "lr": lr, "seconds": round(elapsed, 3),
                "images_per_s": round(seen_all / max(elapsed, 1e-9), 2)}
-        row.update({name: round(total / max(seen, 1), 5) for name, total in sums.items()})
+        row.update({name: round(float(total) / max(seen, 1), 5) for name, total in sums.items()})
         run.add_metrics(row)
         start_step = 0
         save_last(epoch + 1, 0)

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..config import Config
 from ..errors import ConfigError
-from .loaders import mix_seed
+from .seeding import mix_seed
 
 MAX_SIDE = 64  # larger images stay on the per-image (PIL) path
 
