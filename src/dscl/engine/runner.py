@@ -10,6 +10,7 @@ import torch
 from ..config import Config
 from ..data import DataSplits, build_splits
 from ..errors import CheckpointError
+from ..models import Classifier
 from .distributed import Runtime, barrier
 from .evaluate import accuracy_report, predict
 from .linear import backbone_from_stage1, train_linear
@@ -85,8 +86,6 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
 
 
 def _load_linear(cfg: Config, splits: DataSplits, run_dir: RunDir, state: dict) -> torch.nn.Module:
-    from ..models import Classifier
-
     path = run_dir.checkpoint("linear_best")
     best = run_dir.load(path)
     if not best.get("complete"):
