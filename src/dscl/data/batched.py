@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .normalization import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _LOG_RATIO = (math.log(_RATIO[0]), math.log(_RATIO[1]))
@@ -94,10 +94,8 @@ def random_resized_boxes(n: int, height: int, width: int, scale: Sequence[float]
 
 def random_patch_boxes(n: int, num: int, size: int, scale: Sequence[float], generator=None,
                        device=None) -> Tensor:
-    """Patch boxes for n S x S views, num boxes each -> (n,num,4) integer-valued x1,y1,x2,y2:
-    area fraction uniform in ``scale``, aspect ratio log-uniform in (3/4, 4/3), sizes rounded to
-    whole pixels (the first of ten tries whose rounded box keeps both ranges, else a square),
-    position uniform. Used by both the batched and the per-image pipelines."""
+    """``ViewPatchTransform.sample_box`` for n S x S views, num boxes each -> (n,num,4): the
+    first of ten tries whose rounded box keeps both ranges, else a square; position uniform."""
     lo, hi = scale
     w, h = _tries((n, num), size * size, scale, generator, device)  # (n,num,T) each
     frac, aspect = w * h / (size * size), w / h.clamp(min=1)

@@ -8,6 +8,7 @@ reproducible.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -16,9 +17,12 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from .batched import random_patch_boxes
-from .normalization import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 class GaussianBlur:
@@ -92,15 +96,35 @@ class ViewPatchTransform:
         self.patch_post = T.Compose([self.flip, *patch_colour, normalize])
 
     def sample_box(self) -> tuple[int, int, int, int]:
-        """One integer box (x1, y1, x2, y2) inside the S x S query view (supplement Alg. 1):
-        area fraction uniform in ``patch_scale``, aspect ratio log-uniform in (3/4, 4/3),
-        position uniform. The same sampler as the batched pipeline's."""
-        return tuple(int(v) for v in random_patch_boxes(1, 1, self.size, self.patch_scale)[0, 0])
+        """One integer box (x1, y1, x2, y2) inside the S x S query view (supplement Alg. 1).
+
+        Area fraction uniform in ``patch_scale``, aspect ratio log-uniform in (3/4, 4/3),
+        position uniform. Drawn sizes are rounded to whole pixels and redrawn (up to 10 times)
+        until the rounded box still respects both ranges; the fallback is a centred-area square.
+        """
+        s = self.size
+        lo, hi = self.patch_scale
+        log_ratio = (math.log(_RATIO[0]), math.log(_RATIO[1]))
+        for _ in range(10):
+            area = s * s * float(torch.empty(1).uniform_(lo, hi))
+            ratio = math.exp(float(torch.empty(1).uniform_(*log_ratio)))
+            w = round(math.sqrt(area * ratio))
+            h = round(math.sqrt(area / ratio))
+            if not (0 < w <= s and 0 < h <= s):
+                continue
+            if lo <= w * h / (s * s) <= hi and _RATIO[0] <= w / h <= _RATIO[1]:
+                break
+        else:
+            w = h = min(s, max(1, round(s * math.sqrt((lo + hi) / 2))))
+        left = int(torch.randint(0, s - w + 1, (1,)))
+        top = int(torch.randint(0, s - h + 1, (1,)))
+        return left, top, left + w, top + h
 
     def sample_geometry(self, img: Image.Image) -> tuple[Image.Image, Tensor]:
         """The geometric query view g1 (crop + flip, no colour) and its L boxes, (L,4) float32."""
         g1 = self.flip(self.query_crop(img))
-        boxes = random_patch_boxes(1, self.num_patches, self.size, self.patch_scale)[0].to(torch.float32)
+        boxes = torch.tensor([self.sample_box() for _ in range(self.num_patches)],
+                             dtype=torch.float32).reshape(self.num_patches, 4)
         return g1, boxes
 
     def patch(self, g1: Image.Image, box: Sequence[float]) -> Tensor:
