@@ -69,6 +69,9 @@ class PretrainConfig:
     patch_scale: tuple[float, float] = (0.05, 0.6)
     crop_scale: tuple[float, float] | None = None  # None: (0.08, 1) at 224 px, (0.2, 1) below
     key_bn_groups: int = 8
+    patch_bn_stats: bool = False  # let the patch crops update BatchNorm running statistics
+    knn_every: int = 1  # k-NN top-1 on the validation split every N epochs (0: never)
+    knn_k: int = 20
     steps_per_epoch: int | None = None  # cap, for smoke runs; None: the whole data set
 
 
@@ -83,6 +86,7 @@ class LinearConfig:
     weight_decay: float = 0.0
     milestones: tuple[int, ...] = (20, 30)
     gamma: float = 0.1
+    standardize: bool = True  # standardise the frozen features (statistics of the training set) before fc
     steps_per_epoch: int | None = None
 
 
@@ -216,6 +220,8 @@ def validate(cfg: Config) -> Config:
         (cfg.pretrain.lr > 0 and cfg.linear.lr > 0, "pretrain.lr / linear.lr", "must be > 0"),
         (cfg.pretrain.warmup_epochs >= 0, "pretrain.warmup_epochs", "must be >= 0"),
         (cfg.pretrain.key_bn_groups >= 1, "pretrain.key_bn_groups", "must be >= 1"),
+        (cfg.pretrain.knn_every >= 0, "pretrain.knn_every", "must be >= 0"),
+        (cfg.pretrain.knn_k >= 1, "pretrain.knn_k", "must be >= 1"),
         (cfg.data.imbalance_ratio is None or cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio", "must be >= 1"),
         (cfg.data.val_per_class >= 0, "data.val_per_class", "must be >= 0"),
         (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),

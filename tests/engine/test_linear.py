@@ -11,11 +11,11 @@ from dscl.models import build_backbone
 def test_linear_stage_leaves_backbone_bitwise_unchanged(tmp_path, tiny_overrides):
     cfg = load_config(None, tiny_overrides)
     splits = load_data(cfg)
-    backbone = build_backbone("resnet32", zero_init_residual=False)
+    backbone = build_backbone("resnet32")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     run = RunDir(tmp_path)
     run.prepare(cfg.to_dict(), resume=False)
-    model = train_linear(cfg, splits, Runtime(0, 1, torch.device("cpu")), run, backbone, resume=False)
+    model, _ = train_linear(cfg, splits, Runtime(0, 1, torch.device("cpu")), run, backbone, resume=False)
     after = model.backbone.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included

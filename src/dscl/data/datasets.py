@@ -28,6 +28,7 @@ DATASET_NAMES = ("synthetic", "cifar10-lt", "cifar100-lt", "imagefolder", "image
 _SPLIT_FILES = {"imagenet-lt": ("ImageNet_LT", 1000), "places-lt": ("Places_LT", 365)}
 _SYNTHETIC_KEYS = ("num_classes", "n_max", "n_per_class_eval", "image_size")
 _DEFAULT_RATIO = 100.0
+HOLDOUT_SEED = 0  # the held-out validation images are the same whatever the run's seed
 
 
 class TransformedDataset(Dataset):
@@ -77,8 +78,7 @@ def _synthetic(ratio: float, seed: int, options: dict | None) -> DataSplits:
                       train.data.shape[1])
 
 
-def _cifar(name: str, root: str, ratio: float, val_per_class: int, download: bool,
-           seed: int) -> DataSplits:
+def _cifar(name: str, root: str, ratio: float, val_per_class: int, download: bool) -> DataSplits:
     from torchvision import datasets as tv_datasets  # looked up here: tests substitute it
 
     cls = tv_datasets.CIFAR10 if name == "cifar10-lt" else tv_datasets.CIFAR100
@@ -96,7 +96,7 @@ def _cifar(name: str, root: str, ratio: float, val_per_class: int, download: boo
     kept = longtail_indices(train_all.targets, counts, seed=0)  # the LDAM-DRW images
     val = None
     if val_per_class > 0:
-        kept, val_idx = holdout_indices(train_all.targets, kept, val_per_class, seed)
+        kept, val_idx = holdout_indices(train_all.targets, kept, val_per_class, HOLDOUT_SEED)
         val = train_all.subset(val_idx)
     return DataSplits(train_all.subset(kept), val,
                       ArrayDataset(np.asarray(test.data), test.targets, classes),
@@ -113,7 +113,7 @@ def _native_size(path: str) -> int:
     return w if w == h and w <= 64 else 224
 
 
-def _imagefolder(root: str, ratio: float | None, val_per_class: int, seed: int) -> DataSplits:
+def _imagefolder(root: str, ratio: float | None, val_per_class: int) -> DataSplits:
     listing, classes = read_image_folder(root)
     sets = {s: ImageListDataset(*listing[s], classes) for s in listing}
     train = sets["train"]
@@ -125,7 +125,7 @@ def _imagefolder(root: str, ratio: float | None, val_per_class: int, seed: int) 
     val = sets.get("val")
     if val is None and val_per_class > 0:
         try:
-            kept, val_idx = holdout_indices(train.targets, kept, val_per_class, seed)
+            kept, val_idx = holdout_indices(train.targets, kept, val_per_class, HOLDOUT_SEED)
         except ValueError as exc:
             raise DataError(f"image folder {root}: {exc}") from None
         val = train.subset(val_idx)
@@ -244,7 +244,7 @@ def build_splits(
       set num_classes, n_max, n_per_class_eval, image_size); has its own val split.
     - ``cifar10-lt`` / ``cifar100-lt``: torchvision's CIFAR files under ``root`` (rho default
       100), LDAM-DRW subset; balanced test. With ``val_per_class > 0`` a balanced validation
-      set is drawn (seeded by ``seed``) from the training images the LT subset left out; the
+      set is drawn (with a fixed seed, so every run seed sees the same split) from the training images the LT subset left out; the
       head class, which keeps all its images, gives up that many of them instead.
     - ``imagefolder``: ``root/{train,val,test}/<class>/<image>`` (val optional); with
       ``imbalance_ratio`` the train split is subsampled like CIFAR-LT, files in sorted order
@@ -274,9 +274,9 @@ def build_splits(
     if name == "synthetic":
         return _check(_synthetic(ratio, seed, synthetic_options), name)
     if name in ("cifar10-lt", "cifar100-lt"):
-        return _check(_cifar(name, root, ratio, val_per_class, download, seed), name)
+        return _check(_cifar(name, root, ratio, val_per_class, download), name)
     if name == "imagefolder":
-        splits = _imagefolder(root, imbalance_ratio, val_per_class, seed)
+        splits = _imagefolder(root, imbalance_ratio, val_per_class)
         where = {s: os.path.join(root, s) for s in ("train", "val", "test")}
         if not os.path.isdir(where["val"]):
             where["val"] = where["train"]  # held out from the training images

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -23,6 +24,36 @@ def predict(model: nn.Module, loader, *, device: torch.device, progress: bool = 
         labels.append(torch.as_tensor(targets).cpu())
     model.train(was_training)
     return torch.cat(preds), torch.cat(labels)
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader, *, device: torch.device, progress: bool = False,
+                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled backbone features (N, d) and labels (N,) of every batch of ``loader``, in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        features.append(backbone(images.to(device, non_blocking=True)).float().cpu())
+        labels.append(torch.as_tensor(targets).cpu())
+    backbone.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, features: torch.Tensor,
+                k: int = 20, chunk: int = 1024) -> torch.Tensor:
+    """Cosine k-NN: each row of ``features`` takes the class whose members among its ``k`` most
+    similar training rows have the largest summed similarity. Returns (N,) predicted labels."""
+    bank = F.normalize(train_features.float(), dim=1)  # (M, d)
+    num_classes = int(train_labels.max()) + 1
+    k = min(k, bank.shape[0])
+    preds = []
+    for start in range(0, features.shape[0], chunk):
+        sims = F.normalize(features[start : start + chunk].float(), dim=1) @ bank.T  # (n, M)
+        top, index = sims.topk(k, dim=1)  # (n, k)
+        votes = torch.zeros(sims.shape[0], num_classes).scatter_add_(1, train_labels[index], top)
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
 
 
 def accuracy_report(preds: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int]) -> dict:

@@ -21,7 +21,7 @@ from ..data import ClassBalancedSampler, DataSplits
 from ..errors import NumericalError
 from ..models import Classifier, build_backbone
 from .distributed import Runtime, all_reduce_sum
-from .evaluate import accuracy_report, predict
+from .evaluate import accuracy_report, extract_features, predict
 from .loaders import EpochBatches, steps_per_epoch
 from .pretrain import autocast, prepare_model, to_device
 from .rundir import RunDir
@@ -51,23 +51,44 @@ def assert_unchanged(module: nn.Module, snapshot: dict) -> None:
         raise RuntimeError(f"stage 2 changed frozen backbone tensors: {changed[:5]}")
 
 
+def fit_standardizer(model: Classifier, cfg: Config, splits: DataSplits, rt: Runtime) -> None:
+    """Set the classifier's feature standardisation from the un-augmented training features."""
+    loader = eval_loader(splits.train, splits.image_size, on_device=use_tensor_pipeline(cfg, splits.train),
+                         batch=cfg.eval_batch_size, device=rt.device, num_workers=cfg.data.num_workers)
+    features, _ = extract_features(model.backbone, loader, device=rt.device, progress=rt.is_main,
+                                   desc="feature statistics")
+    model.norm.fit(features.to(rt.device))
+
+
+def selection_of(best: dict) -> dict:
+    """What results.json says about the stage-2 epoch that was kept."""
+    return {"selected_on": "val" if best["val"] is not None else "last_epoch",
+            "best_epoch": best["epoch"], "best_val_top1": best["val"]}
+
+
 def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, backbone: nn.Module,
-                 resume: bool) -> Classifier:
-    """Train the classifier; returns backbone + the selected linear layer, on ``rt.device``."""
+                 resume: bool) -> tuple[Classifier, dict]:
+    """Train the classifier; returns backbone + the selected linear layer (on ``rt.device``) and
+    :func:`selection_of` the kept epoch."""
     lc = cfg.linear
     backbone = backbone.to(rt.device)
     snapshot = freeze(backbone)
-    model = Classifier(backbone, splits.num_classes).to(rt.device).eval()  # the fc has no mode-dependent layer
+    model = Classifier(backbone, splits.num_classes).to(rt.device).eval()  # no mode-dependent layer after f
     prepare_model(model, cfg)
     torch.manual_seed(mix_seed(cfg.seed, 4))
     model.fc.reset_parameters()
     optimizer = torch.optim.SGD(model.fc.parameters(), lr=lc.lr, momentum=lc.momentum, weight_decay=lc.weight_decay)
     start_epoch, start_step, best = 0, 0, {"epoch": 0, "val": None, "fc": model.fc.state_dict()}
+    start_loss = None
     if resume and run.checkpoint("linear_last").is_file():
         state = run.load(run.checkpoint("linear_last"))
         model.fc.load_state_dict(state["fc"])
+        model.norm.load_state_dict(state["norm"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_step, best, run.metrics = state["epoch"], state["step"], state["best"], state["metrics"]
+        start_loss = state["start_loss"]
+    elif lc.standardize:
+        fit_standardizer(model, cfg, splits, rt)
     fc = DistributedDataParallel(model.fc) if rt.distributed else model.fc
     local_batch = max(1, lc.batch_size // rt.world_size)
     steps = steps_per_epoch(len(splits.train), lc.batch_size, lc.steps_per_epoch)
@@ -79,12 +100,14 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
     if splits.val is not None:
         val = eval_loader(splits.val, splits.image_size, on_device=use_tensor_pipeline(cfg, splits.val),
                           batch=cfg.eval_batch_size, device=rt.device, num_workers=cfg.data.num_workers)
-    run.log(f"stage 2: class-balanced, {steps} steps/epoch, effective batch {local_batch * rt.world_size}, lr {lc.lr:g}"
-            + (", best epoch chosen on validation" if val is not None else ", no validation split: last epoch kept"))
+    run.log(f"stage 2: class-balanced, {steps} steps/epoch, effective batch {local_batch * rt.world_size}, lr {lc.lr:g}, "
+            + ("standardised features, " if lc.standardize else "raw features, ")
+            + ("best epoch chosen on validation" if val is not None else "no validation split: last epoch kept"))
 
     def save_last(epoch: int, step: int) -> None:
         run.save(run.checkpoint("linear_last"), {"stage": "linear", "fc": model.fc.state_dict(), "best": best,
-                 "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "metrics": run.metrics})
+                 "norm": model.norm.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                 "step": step, "metrics": run.metrics, "start_loss": start_loss})
 
     for epoch in range(start_epoch, lc.epochs):
         lr = lc.lr * lc.gamma ** sum(epoch >= m for m in lc.milestones)
@@ -97,14 +120,16 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
                    disable=not rt.is_main, leave=False)
         for step, (images, labels) in enumerate(bar, start=start_step):
             with torch.no_grad(), autocast(cfg, rt.device):
-                features = backbone(to_device(images, rt.device, cfg)).float()
+                features = model.norm(backbone(to_device(images, rt.device, cfg)).float())
             loss = F.cross_entropy(fc(features), labels.to(rt.device))
             if not torch.isfinite(loss):
-                raise NumericalError(f"stage 2, epoch {epoch + 1}, step {step + 1}: loss is {loss.item()}")
+                raise NumericalError(f"stage 2, epoch {epoch + 1}, step {step + 1}: loss is {loss.item()}; "
+                                     f"lower linear.lr (now {lc.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, seen = total + loss.item(), seen + 1
+            start_loss = loss.item() if start_loss is None else start_loss
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < steps:
                 save_last(epoch, step + 1)
@@ -112,6 +137,7 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         row = {"stage": "linear", "epoch": epoch + 1, "lr": lr, "seconds": round(elapsed, 3),
                "images_per_s": round(float(all_reduce_sum(torch.tensor(float(seen * local_batch)))) / elapsed, 2),
                "loss": round(total / max(seen, 1), 5)}
+        check_divergence(row["loss"], start_loss, epoch, lc.lr)
         if val is not None:
             preds, truth = predict(model, val, device=rt.device, progress=rt.is_main, desc="val")
             row["val_top1"] = round(accuracy_report(preds, truth, splits.train_counts)["overall"], 4)
@@ -124,6 +150,19 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         save_last(epoch + 1, 0)
     assert_unchanged(backbone, snapshot)
     model.fc.load_state_dict(best["fc"])
-    run.save(run.checkpoint("linear_best"), {"stage": "linear", "fc": model.fc.state_dict(), "best_epoch": best["epoch"],
-                                              "best_val": best["val"], "complete": True})
-    return model
+    selection = selection_of(best)
+    run.log(f"stage 2: kept epoch {selection['best_epoch']} ("
+            + (f"validation top-1 {best['val']:.2f}%)" if best["val"] is not None else "the last one)"))
+    run.save(run.checkpoint("linear_best"), {"stage": "linear", "fc": model.fc.state_dict(), "norm": model.norm.state_dict(),
+                                              "best_epoch": best["epoch"], "best_val": best["val"], "complete": True})
+    return model, selection
+
+
+DIVERGENCE_FACTOR = 3.0
+
+
+def check_divergence(epoch_loss: float, start_loss: float | None, epoch: int, lr: float) -> None:
+    """Stop when an epoch's mean loss has grown far above the loss of the first step."""
+    if start_loss is not None and epoch_loss > DIVERGENCE_FACTOR * start_loss:
+        raise NumericalError(f"stage 2 diverges: mean loss {epoch_loss:.3g} in epoch {epoch + 1} against "
+                             f"{start_loss:.3g} at its first step; lower linear.lr (now {lr:g})")

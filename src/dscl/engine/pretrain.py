@@ -22,27 +22,28 @@ from tqdm import tqdm
 from ..config import Config
 from ..data import DataSplits
 from ..errors import ConfigError, NumericalError
-from ..losses import decoupled_supcon_loss, patch_distillation_loss
+from ..losses import decoupled_supcon_loss, key_probability, patch_distillation_loss
 from ..models import Classifier, MomentumContrast, build_backbone
 from .distributed import Runtime, all_gather_cat, all_reduce_sum
 from .loaders import EpochBatches, shuffled_order, steps_per_epoch
 from .rundir import RunDir
 from .seeding import mix_seed, seed_everything
-from .views import stage1_transform
+from .evaluate import extract_features, knn_predict
+from .tensor_data import use_tensor_pipeline
+from .views import eval_loader, stage1_transform
 
 
 def build_stage1_model(cfg: Config, num_classes: int) -> nn.Module:
     backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained,
                               zero_init_residual=cfg.model.pretrained is None)
     if cfg.model.train_last_stage_only:
-        last = set(map(id, backbone.last_stage().parameters()))
-        for p in backbone.parameters():
-            p.requires_grad_(id(p) in last)
+        backbone.freeze_early_stages()
     if cfg.method == "ce":
         return Classifier(backbone, num_classes)
     p = cfg.pretrain
     return MomentumContrast(backbone, feature_dim=cfg.model.feature_dim, queue_size=p.queue_size,
-                            momentum=p.ema_momentum, key_bn_groups=p.key_bn_groups)
+                            momentum=p.ema_momentum, key_bn_groups=p.key_bn_groups,
+                            patch_bn_stats=p.patch_bn_stats)
 
 
 def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
@@ -77,7 +78,8 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
     key = out.key.float()
     contrast = supcon(out.query.float(), key, labels, queue.keys, queue.labels,
                       alpha=cfg.alpha, temperature=cfg.pretrain.temperature)
-    parts = {"contrast": contrast}
+    parts = {"contrast": contrast, "p_key": key_probability(out.query.detach().float(), key, queue.keys, queue.labels,
+                                                          cfg.pretrain.temperature)}
     loss = contrast
     if use_patches:
         distill = pbsd(out.teacher.float(), out.student.float(), key, queue.keys, queue.labels,
@@ -117,6 +119,32 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+class KnnMonitor:
+    """Training health: cosine k-NN top-1 of the query encoder's pooled features, validation
+    images against the (un-augmented) training set, every ``pretrain.knn_every`` epochs and
+    after the last. Needs a validation split; never looks at the test split."""
+
+    def __init__(self, cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir):
+        self.every, self.k, self.last = cfg.pretrain.knn_every, cfg.pretrain.knn_k, cfg.pretrain.epochs
+        self.rt, self.loaders = rt, None
+        if self.every and splits.val is None:
+            run.log("k-NN health signal off: no validation split (set data.val_per_class)")
+        elif self.every and rt.is_main:
+            make = lambda ds: eval_loader(ds, splits.image_size, on_device=use_tensor_pipeline(cfg, ds),  # noqa: E731
+                                          batch=cfg.eval_batch_size, device=rt.device,
+                                          num_workers=cfg.data.num_workers)
+            self.loaders = (make(splits.train), make(splits.val))
+
+    def measure(self, model: nn.Module, epoch: int) -> dict:
+        if self.loaders is None or (epoch % self.every and epoch != self.last):
+            return {}
+        encoder = model.encoder if hasattr(model, "encoder") else model.backbone
+        bank, bank_labels = extract_features(encoder, self.loaders[0], device=self.rt.device, desc="k-NN train")
+        features, labels = extract_features(encoder, self.loaders[1], device=self.rt.device, desc="k-NN val")
+        preds = knn_predict(bank, bank_labels, features, k=self.k)
+        return {"knn_top1": round(100.0 * float((preds == labels).double().mean()), 3)}
+
+
 def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: bool) -> tuple[dict, bool]:
     """Train stage 1 and save ``checkpoints/pretrain.pt``.
 
@@ -149,6 +177,10 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         run.metrics = state["metrics"]
     run.log(f"stage 1 ({cfg.method}): {len(splits.train)} images, {steps} steps/epoch, effective batch "
             f"{global_batch} = {rt.world_size} x {local_batch}, lr {base_lr:g} (= {p.lr:g} x {global_batch}/256)")
+    if cfg.method != "ce" and p.queue_size > len(splits.train):
+        run.log(f"warning: pretrain.queue_size {p.queue_size} exceeds the {len(splits.train)} training images: "
+                f"the queue then holds stale keys of the anchor's own image, which count as its positives")
+    health = KnnMonitor(cfg, splits, rt, run)
     net = DistributedDataParallel(model) if rt.distributed else model
     batches = EpochBatches(cfg, splits.train, lambda on_device: stage1_transform(cfg, splits.image_size, on_device),
                            rt, batch=local_batch, seed=cfg.seed)
@@ -192,6 +224,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         row = {"stage": "pretrain", "epoch": epoch + 1, "lr": lr, "seconds": round(elapsed, 3),
                "images_per_s": round(seen_all / max(elapsed, 1e-9), 2)}
         row.update({name: round(float(total) / max(seen, 1), 5) for name, total in sums.items()})
+        row.update(health.measure(_unwrap(net), epoch + 1))
         run.add_metrics(row)
         start_step = 0
         save_last(epoch + 1, 0)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from ..config import Config
 from ..data import DataSplits, build_splits
 from ..errors import CheckpointError
 from ..models import Classifier
 from .distributed import Runtime, barrier
 from .evaluate import accuracy_report, predict
-from .linear import backbone_from_stage1, train_linear
+from .linear import backbone_from_stage1, selection_of, train_linear
 from .pretrain import build_stage1_model, pretrain
 from .rundir import RunDir
 from .tensor_data import use_tensor_pipeline
@@ -45,7 +43,7 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
                 f"{len(splits.val) if splits.val is not None else 0} val / {len(splits.test)} test images, "
                 f"{splits.num_classes} classes, train counts {max(splits.train_counts)} to {min(splits.train_counts)}")
     timings = {}
-    state, retrained = None, False
+    state, retrained, selection = None, False, {}
     if "pretrain" in stages:
         t = time.perf_counter()
         state, retrained = pretrain(cfg, splits, rt, run_dir, resume)
@@ -61,10 +59,12 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
         model.to(rt.device)
     elif "linear" in stages:
         t = time.perf_counter()
-        model = train_linear(cfg, splits, rt, run_dir, backbone_from_stage1(cfg, state), resume and not retrained)
+        model, selection = train_linear(cfg, splits, rt, run_dir, backbone_from_stage1(cfg, state),
+                                        resume and not retrained)
         timings["linear_s"] = round(time.perf_counter() - t, 2)
     else:
-        model = _load_linear(cfg, splits, run_dir, state).to(rt.device)
+        model, selection = _load_linear(cfg, splits, run_dir, state)
+        model.to(rt.device)
     if "evaluate" not in stages or not rt.is_main:
         return None
     t = time.perf_counter()
@@ -77,7 +77,7 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
     results = {"method": cfg.method, "overall": report["overall"], "many": report["many"],
                "medium": report["medium"], "few": report["few"], "per_class": report["per_class"],
                "train_counts": splits.train_counts, "classes": splits.classes, "test_images": len(labels),
-               "bad_images_skipped": len(splits.bad_files), "seconds": timings,
+               "bad_images_skipped": len(splits.bad_files), "stage2": selection or None, "seconds": timings,
                "wall_time_s": round(time.perf_counter() - tic, 2)}
     run_dir.write_results(results)
     run_dir.log(f"test top-1 {results['overall']:.2f}% (many {_fmt(results['many'])}, medium "
@@ -85,14 +85,15 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
     return results
 
 
-def _load_linear(cfg: Config, splits: DataSplits, run_dir: RunDir, state: dict) -> torch.nn.Module:
+def _load_linear(cfg: Config, splits: DataSplits, run_dir: RunDir, state: dict) -> tuple[Classifier, dict]:
     path = run_dir.checkpoint("linear_best")
     best = run_dir.load(path)
     if not best.get("complete"):
         raise CheckpointError(f"{path}: stage 2 did not finish; run `dscl linear` first")
     model = Classifier(backbone_from_stage1(cfg, state), splits.num_classes)
     model.fc.load_state_dict(best["fc"])
-    return model
+    model.norm.load_state_dict(best["norm"])
+    return model, selection_of({"epoch": best["best_epoch"], "val": best["best_val"]})
 
 
 def _fmt(value) -> str:

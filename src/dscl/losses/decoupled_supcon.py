@@ -69,23 +69,12 @@ def decoupled_supcon_loss(
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    batch = query.shape[0]
     queue, queue_labels = valid_queue(queue, queue_labels)
     labels = labels.long()
     queue_labels = queue_labels.long()
 
     scaled = query / temperature  # (B, D): every logit below is already divided by tau
-    # Normaliser over A_i = {z_b, b != i} + {k_b} + valid queue, one log-sum-exp per block.
-    self_mask = torch.eye(batch, dtype=torch.bool, device=query.device)
-    logits_qq = (scaled @ query.T).masked_fill(self_mask, float("-inf"))  # (B, B)
-    logits_qk = scaled @ key.T  # (B, B)
-    blocks = [torch.logsumexp(logits_qq, 1), torch.logsumexp(logits_qk, 1)]
-    if queue.shape[0] > 0:
-        blocks.append(torch.logsumexp(scaled @ queue.T, 1))  # (B, K) -> (B,)
-    log_z = torch.logsumexp(torch.stack(blocks, 1), 1)  # (B,)
-
-    positive_logit = logits_qk.diagonal()  # z_i . k_i / tau
-    log_p_key = positive_logit - log_z  # (B,)
+    log_p_key, log_z = _log_p_key(scaled, query, key, queue)  # (B,), (B,)
 
     # Sum of P_i's features: same-label keys, queries and queue entries, minus k_i and z_i.
     num_classes = int(torch.cat([labels, queue_labels]).max()) + 1
@@ -103,6 +92,29 @@ def decoupled_supcon_loss(
         decoupled = -(alpha * log_p_key + (1.0 - alpha) * sum_log_p_positive / safe_count)
         loss = torch.where(has_positive, decoupled, -log_p_key)
     return loss.mean()
+
+
+def _log_p_key(scaled: Tensor, query: Tensor, key: Tensor, queue: Tensor) -> tuple[Tensor, Tensor]:
+    """log p(k_i | z_i) and the normaliser log Z_i over A_i = {z_b, b != i} + {k_b} + queue,
+    one log-sum-exp per block. ``scaled`` is query / tau; the queue holds valid slots only."""
+    self_mask = torch.eye(query.shape[0], dtype=torch.bool, device=query.device)
+    logits_qq = (scaled @ query.T).masked_fill(self_mask, float("-inf"))  # (B, B)
+    logits_qk = scaled @ key.T  # (B, B)
+    blocks = [torch.logsumexp(logits_qq, 1), torch.logsumexp(logits_qk, 1)]
+    if queue.shape[0] > 0:
+        blocks.append(torch.logsumexp(scaled @ queue.T, 1))  # (B, K) -> (B,)
+    log_z = torch.logsumexp(torch.stack(blocks, 1), 1)  # (B,)
+    return logits_qk.diagonal() - log_z, log_z  # z_i . k_i / tau - log Z_i
+
+
+@torch.no_grad()
+def key_probability(query: Tensor, key: Tensor, queue: Tensor, queue_labels: Tensor,
+                    temperature: float = 0.07) -> Tensor:
+    """Mean over anchors of p(k_i | z_i), the probability the loss gives each anchor's own key
+    among all its candidates: a training-health signal (chance is 1 / |A_i|; DSCL's optimum
+    puts it at alpha)."""
+    queue, _ = valid_queue(queue, queue_labels)
+    return _log_p_key(query / temperature, query, key, queue)[0].exp().mean()
 
 
 class DecoupledSupConLoss(nn.Module):

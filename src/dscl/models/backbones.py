@@ -30,12 +30,35 @@ class Backbone(nn.Module):
 
     out_dim: int
     stride: int
+    early_stages_frozen: bool = False
 
     def forward_features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x).mean((2, 3))  # (B, C)
+
+    def last_stage(self) -> nn.Module:
+        raise NotImplementedError
+
+    def freeze_early_stages(self) -> None:
+        """Train the last stage only (Places-LT fine-tuning): every other parameter takes no
+        gradient, and every other module stays in eval mode, so its BatchNorm keeps the
+        pretrained running statistics instead of re-estimating them on the new data."""
+        last = set(map(id, self.last_stage().parameters()))
+        for p in self.parameters():
+            p.requires_grad_(id(p) in last)
+        self.early_stages_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        if self.early_stages_frozen:
+            last = set(map(id, self.last_stage().modules()))
+            for m in self.modules():
+                if id(m) not in last and m is not self:
+                    m.training = False
+        return self
 
 
 class _CifarBlock(nn.Module):
@@ -62,7 +85,7 @@ class _CifarBlock(nn.Module):
 class CifarResNet(Backbone):
     """ResNet-(6n+2) for 32-px images (He et al. 2016, section 4.2); ResNet-32 has n = 5."""
 
-    def __init__(self, depth: int = 32, zero_init_residual: bool = False):
+    def __init__(self, depth: int = 32):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -78,13 +101,12 @@ class CifarResNet(Backbone):
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
         self.out_dim, self.stride = 64, 4
+        # No zero-init of the last BN gamma here (SPEC section 9): the channels an option-A
+        # shortcut pads with zeros would start at exactly 0 after the ReLU, pass no gradient
+        # and stay dead for the whole run.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, _CifarBlock):
-                    nn.init.zeros_(m.bn2.weight)
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -113,6 +135,8 @@ class TorchvisionResNet(Backbone):
 def build_backbone(name: str, *, pretrained: str | None = None, zero_init_residual: bool = True) -> Backbone:
     """Build a backbone by name.
 
+    zero_init_residual: zero the last BN gamma of each residual block, for the torchvision
+    ResNets only (they have convolutional shortcuts); ResNet-32 never takes it (SPEC section 9).
     pretrained: None (random init), a path to a local state-dict file (a plain or
     ``{"state_dict": ...}`` checkpoint of the torchvision model, ``fc.*`` ignored), or
     ``"torchvision"`` to download torchvision's ImageNet weights (the only download path).
@@ -120,7 +144,7 @@ def build_backbone(name: str, *, pretrained: str | None = None, zero_init_residu
     if name == "resnet32":
         if pretrained:
             raise ConfigError("model.pretrained: no pretrained weights exist for resnet32")
-        return CifarResNet(32, zero_init_residual=zero_init_residual)
+        return CifarResNet(32)
     if name not in TORCHVISION_BACKBONES:
         raise ConfigError(f"model.backbone: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     factory, weights_name = TORCHVISION_BACKBONES[name]

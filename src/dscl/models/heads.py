@@ -1,5 +1,6 @@
 """Projection head ``g`` of the contrastive stage and the linear classifier of stage 2."""
 
+import torch
 from torch import Tensor, nn
 
 
@@ -14,13 +15,42 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
+class FeatureStandardizer(nn.Module):
+    """``(v - mean) / std`` per feature, with fixed buffers and no learnable parameter.
+
+    Stage 2 sets them once from the training features, so the linear probe sees unit-scale
+    inputs whatever the backbone's feature scale (a probe at a fixed lr otherwise diverges on
+    one backbone and crawls on another). Identity until set.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, features: Tensor, eps: float = 1e-6) -> None:
+        """Set the statistics from (N, dim) features."""
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0, unbiased=False).clamp(min=eps))
+
+    def forward(self, v: Tensor) -> Tensor:
+        return (v - self.mean) / self.std
+
+
 class Classifier(nn.Module):
-    """Backbone followed by a linear layer: the end-to-end CE baseline and the stage-2 model."""
+    """Backbone, feature standardisation (identity unless fitted), linear layer: the end-to-end
+    CE baseline (never fitted) and the stage-2 model."""
 
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
         self.backbone = backbone
+        self.norm = FeatureStandardizer(backbone.out_dim)
         self.fc = nn.Linear(backbone.out_dim, num_classes)
 
+    def head(self, features: Tensor) -> Tensor:
+        """(N, d) backbone features -> (N, num_classes) logits."""
+        return self.fc(self.norm(features))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.backbone(x))
+        return self.head(self.backbone(x))

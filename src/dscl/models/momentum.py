@@ -12,6 +12,7 @@ The losses are computed by the caller (``dscl.losses``); the caller then enqueue
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -71,7 +72,7 @@ class MomentumContrast(nn.Module):
     """Query encoder ``f, g``, momentum key encoder ``f_k, g_k`` and the labelled queue."""
 
     def __init__(self, backbone: Backbone, *, feature_dim: int = 128, queue_size: int = 65536,
-                 momentum: float = 0.999, key_bn_groups: int = 8):
+                 momentum: float = 0.999, key_bn_groups: int = 8, patch_bn_stats: bool = False):
         super().__init__()
         self.encoder = backbone
         self.head = ProjectionHead(backbone.out_dim, feature_dim)
@@ -83,6 +84,10 @@ class MomentumContrast(nn.Module):
         self.queue = LabelledQueue(queue_size, feature_dim)
         self.momentum = momentum
         self.batched_patches = True
+        # The patch crops are normalised with their own batch statistics either way; by default
+        # they stay out of the running statistics, which stage 2 and evaluation use on full-size
+        # images (with 5 crops per image they would otherwise make up most of the updates).
+        self.patch_bn_stats = patch_bn_stats
 
     def query_pairs(self):
         return zip([*self.encoder.parameters(), *self.head.parameters()],
@@ -114,12 +119,13 @@ class MomentumContrast(nn.Module):
             b, l = patches.shape[:2]
             with torch.no_grad():
                 teacher = self.patch_teacher(feature_map.detach(), boxes)
-            if self.batched_patches:
-                crops = patches.flatten(0, 1)  # (B*L, 3, P, P), one forward for all crops
-                student = F.normalize(self.head(self.encoder(crops)), dim=1).view(b, l, -1)
-            else:  # reference: one forward per patch index, as the authors' code does
-                student = torch.stack([F.normalize(self.head(self.encoder(patches[:, j])), dim=1)
-                                       for j in range(l)], 1)
+            with contextlib.nullcontext() if self.patch_bn_stats else frozen_running_stats(self.encoder):
+                if self.batched_patches:
+                    crops = patches.flatten(0, 1)  # (B*L, 3, P, P), one forward for all crops
+                    student = F.normalize(self.head(self.encoder(crops)), dim=1).view(b, l, -1)
+                else:  # reference: one forward per patch index, as the authors' code does
+                    student = torch.stack([F.normalize(self.head(self.encoder(patches[:, j])), dim=1)
+                                           for j in range(l)], 1)
         return ContrastOutput(query, key, teacher, student)
 
     def patch_teacher(self, feature_map: Tensor, boxes: Tensor) -> Tensor:
@@ -128,6 +134,21 @@ class MomentumContrast(nn.Module):
         pooled = roi_align(feature_map, list(boxes.to(feature_map.dtype).unbind(0)), output_size=2,
                            spatial_scale=1.0 / self.encoder.stride, sampling_ratio=2, aligned=True)
         return F.normalize(self.head(pooled.mean((2, 3))), dim=1).view(b, l, -1)
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: nn.Module):
+    """BatchNorm layers still normalise with batch statistics but leave their running mean and
+    variance as they are (momentum 0 for the duration)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, value in zip(norms, saved):
+            m.momentum = value
 
 
 def _shuffle(x: Tensor):
