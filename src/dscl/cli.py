@@ -1,4 +1,4 @@
-"""Command-line interface: ``dscl run | pretrain | linear | evaluate | demo | bench``.
+"""Command-line interface: ``dscl run | pretrain | linear | evaluate | sweep | demo | bench``.
 
 Every training command takes ``--config FILE`` (a YAML recipe), repeated ``--set key=value``
 overrides and ``--out DIR``. Errors the user can fix are printed as one message, no traceback.
@@ -33,6 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=None, help="parent folder of the four runs (default runs/demo-<time>)")
     demo.add_argument("--methods", nargs="+", default=None, help="subset of methods to run")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep = sub.add_parser("sweep", help="every combination of a grid of config values x seeds, with a summary",
+                           description="Run every combination of the --grid values for every seed, one after "
+                                       "another, into OUT/<combination>/seed<k>/; finished runs are skipped and "
+                                       "killed ones resumed. Writes summary.md, summary.csv and per_class.png.")
+    sweep.add_argument("--config", type=Path, help="YAML recipe every run starts from")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one key for every run (repeatable)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="one axis of the grid (repeatable); e.g. --grid method=scl,dscl")
+    sweep.add_argument("--seeds", type=int, nargs="+", default=[0])
+    sweep.add_argument("--out", type=Path, required=True, help="parent folder of the runs and the summaries")
+    sweep.add_argument("--select", choices=["val"], default=None,
+                       help="mark the combination with the best mean validation accuracy")
+    sweep.add_argument("--summary-only", action="store_true", help="rebuild the summaries from the runs on disk")
     bench = sub.add_parser("bench", help="time one stage-1 training step on generated tensors; prints JSON")
     bench.add_argument("--config", type=Path)
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -69,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import demo
 
             demo(args.out, args.methods, args.overrides)
+        elif args.command == "sweep":
+            from .sweep import sweep
+
+            sweep(args.config, args.overrides, args.grid, args.seeds, args.out, select=args.select,
+                  summary_only=args.summary_only)
         elif args.command == "bench":
             from .bench import bench
 

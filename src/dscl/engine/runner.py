@@ -72,10 +72,18 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
     loader = eval_loader(splits.test, splits.image_size, on_device=on_device, batch=cfg.eval_batch_size,
                          device=rt.device, num_workers=cfg.data.num_workers)
     preds, labels = predict(model, loader, device=rt.device)
+    val_top1 = None
+    if splits.val is not None:  # the final model's validation accuracy, for choices across runs
+        val_preds, val_labels = predict(model, eval_loader(splits.val, splits.image_size,
+                                        on_device=use_tensor_pipeline(cfg, splits.val),
+                                        batch=cfg.eval_batch_size, device=rt.device, num_workers=cfg.data.num_workers),
+                                        device=rt.device, desc="val")
+        val_top1 = accuracy_report(val_preds, val_labels, splits.train_counts)["overall"]
     timings["evaluate_s"] = round(time.perf_counter() - t, 2)
     report = accuracy_report(preds, labels, splits.train_counts)
     results = {"method": cfg.method, "overall": report["overall"], "many": report["many"],
-               "medium": report["medium"], "few": report["few"], "per_class": report["per_class"],
+               "medium": report["medium"], "few": report["few"], "val_top1": val_top1,
+               "per_class": report["per_class"],
                "train_counts": splits.train_counts, "classes": splits.classes, "test_images": len(labels),
                "bad_images_skipped": len(splits.bad_files), "stage2": selection or None, "seconds": timings,
                "wall_time_s": round(time.perf_counter() - tic, 2)}

@@ -1,0 +1,249 @@
+"""``dscl sweep``: every combination of a grid of config values, times every seed, one run after
+another, then a summary table and a per-class plot.
+
+Each run lives in ``OUT/<combination>/seed<k>/``, an ordinary run folder. A call skips the runs
+that finished (``results.json``), resumes the ones that were killed, and records a run that
+stopped on an error (``error.txt``; not retried). Summaries are rebuilt from what is on disk,
+so they can always be regenerated with ``--summary-only``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import load_config, parse_override
+from .engine.checkpoint import atomic_write_bytes, atomic_write_text
+from .engine.rundir import RunDir
+from .errors import ConfigError, DSCLError
+
+METRICS = ("overall", "many", "medium", "few", "val_top1", "wall_time_s")
+
+
+@dataclass
+class Combination:
+    settings: tuple[str, ...]  # ("key=value", ...), in grid order
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.settings) or "base"
+
+    @property
+    def folder(self) -> str:
+        slug = "_".join(s.replace("=", "-") for s in self.settings) or "base"
+        return "".join(c if c.isalnum() or c in "-_.," else "-" for c in slug)
+
+
+def parse_grid(grid: list[str]) -> list[tuple[str, list[str]]]:
+    """``["key=v1,v2", ...]`` -> [(key, [v1, v2]), ...]; a list value keeps its brackets: ``k=[1,2],[3]``."""
+    axes = []
+    for text in grid:
+        key, values = parse_override(text)[0], text.split("=", 1)[1]
+        items, depth, current = [], 0, ""
+        for ch in values:
+            depth += ch == "["
+            depth -= ch == "]"
+            if ch == "," and depth == 0:
+                items.append(current)
+                current = ""
+            else:
+                current += ch
+        items.append(current)
+        if not all(v.strip() for v in items):
+            raise ConfigError(f"--grid {text!r}: an empty value")
+        axes.append((".".join(key), [v.strip() for v in items]))
+    names = [k for k, _ in axes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--grid: a key is given twice ({', '.join(names)})")
+    return axes
+
+
+def combinations(axes: list[tuple[str, list[str]]]) -> list[Combination]:
+    return [Combination(tuple(f"{k}={v}" for k, v in zip([k for k, _ in axes], values)))
+            for values in itertools.product(*[v for _, v in axes])]
+
+
+def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: list[int], out: Path, *,
+          select: str | None = None, summary_only: bool = False) -> list[dict]:
+    """Run every combination x seed (unless ``summary_only``) and write the summaries."""
+    from .engine import run, setup, teardown
+
+    combos = combinations(parse_grid(grid))
+    configs = {}
+    for combo in combos:  # refuse a bad grid value before anything trains
+        for seed in seeds:
+            configs[combo.name, seed] = load_config(config, [*overrides, *combo.settings, f"seed={seed}"])
+    if not summary_only:
+        todo = [(c, s) for c in combos for s in seeds if not _finished(out / c.folder / f"seed{s}")]
+        print(f"sweep: {len(combos)} combination(s) x {len(seeds)} seed(s); {len(todo)} run(s) to do", flush=True)
+        for n, (combo, seed) in enumerate(todo, 1):
+            cfg, path = configs[combo.name, seed], out / combo.folder / f"seed{seed}"
+            print(f"\n=== sweep run {n}/{len(todo)}: {combo.name}, seed {seed} -> {path}", flush=True)
+            _check_same(path, cfg.to_dict())
+            _reuse_stage1(path, cfg.to_dict(), [out / c.folder / f"seed{seed}" for c in combos])
+            rt = setup(cfg.device)
+            try:
+                run(cfg, path, rt, resume=(path / "config.yaml").is_file())
+            except DSCLError as exc:
+                if isinstance(exc, ConfigError):
+                    raise
+                atomic_write_text(path / "error.txt", f"{exc}\n")
+                print(f"sweep: run failed, recorded in {path / 'error.txt'}: {exc}", flush=True)
+            finally:
+                teardown()
+    rows = summarise(out, combos, seeds, select)
+    return rows
+
+
+def _reuse_stage1(path: Path, config: dict, candidates: list[Path]) -> None:
+    """A run that differs from a finished stage 1 of the sweep only in ``linear.*`` keys (and
+    the sweep's own folder) starts from a copy of that stage-1 checkpoint instead of training
+    it again; its log says where the copy came from."""
+    if (path / "config.yaml").is_file():
+        return
+    mine = {k: v for k, v in _flat(config).items() if not k.startswith("linear.")}
+    for other in candidates:
+        done = other / "checkpoints" / "pretrain.pt"
+        saved = _saved_config(other)
+        if other == path or saved is None or not done.is_file():
+            continue
+        if {k: v for k, v in saved.items() if not k.startswith("linear.")} == mine:
+            run_dir = RunDir(path)
+            run_dir.prepare(config, resume=False)
+            (path / "checkpoints").mkdir(exist_ok=True)
+            shutil.copyfile(done, path / "checkpoints" / "pretrain.pt")
+            run_dir.log(f"stage 1 reused from {other} (same configuration apart from linear.*)")
+            return
+
+
+def _finished(path: Path) -> bool:
+    return (path / "results.json").is_file() or (path / "error.txt").is_file()
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _saved_config(path: Path) -> dict | None:
+    saved = path / "config.yaml"
+    return _flat(yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else None
+
+
+def _check_same(path: Path, config: dict) -> None:
+    saved = _saved_config(path)
+    if saved is not None:
+        current = _flat(config)
+        diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+                 if saved.get(k) != current.get(k)]
+        if diffs:
+            raise ConfigError(f"{path} holds a run of another configuration:\n  " + "\n  ".join(diffs)
+                              + "\nuse another --out, or remove that folder")
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(out: Path, combos: list[Combination], seeds: list[int], select: str | None = None) -> list[dict]:
+    """summary.csv, summary.md and per_class.png from the run folders under ``out``."""
+    rows, curves = [], []
+    for combo in combos:
+        results, failed = [], []
+        for seed in seeds:
+            path = out / combo.folder / f"seed{seed}"
+            if (path / "results.json").is_file():
+                results.append(json.loads((path / "results.json").read_text()))
+            elif (path / "error.txt").is_file():
+                failed.append(f"seed {seed}: {(path / 'error.txt').read_text().strip()}")
+        row = {"combination": combo.name, "runs": len(results), "failed": len(failed)}
+        for metric in METRICS:
+            row[metric], row[f"{metric}_std"] = mean_std([r.get(metric) for r in results])
+        rows.append(row)
+        if results:
+            per_class = [mean_std([r["per_class"][c] for r in results])[0] for c in range(len(results[0]["per_class"]))]
+            curves.append((combo.name, results[0]["train_counts"], per_class))
+    if select == "val":
+        scored = [r for r in rows if r["val_top1"] is not None]
+        best = max(scored, key=lambda r: r["val_top1"], default=None)
+        for r in rows:
+            r["selected"] = r is best
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "summary.csv", rows)
+    atomic_write_text(out / "summary.md", format_summary(rows, seeds, select) + "\n")
+    if curves:
+        plot_per_class(out / "per_class.png", curves)
+    print("\n" + format_summary(rows, seeds, select), flush=True)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _cell(mean, std, digits: int = 1) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_summary(rows: list[dict], seeds: list[int], select: str | None = None) -> str:
+    """Markdown table: mean ± std over seeds (top-1 %), validation accuracy, wall time."""
+    lines = [f"seeds {', '.join(map(str, seeds))}; mean ± std over the finished runs"
+             + ("; * best validation accuracy" if select == "val" else ""), "",
+             "| combination | runs | Many | Medium | Few | Overall | val | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = " *" if r.get("selected") else ""
+        runs = f"{r['runs']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+        time_s = "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.0f}"
+        lines.append(f"| {r['combination']}{mark} | {runs} | " + " | ".join(
+            _cell(r[m], r[f"{m}_std"]) for m in ("many", "medium", "few", "overall", "val_top1")) + f" | {time_s} |")
+    return "\n".join(lines)
+
+
+def plot_per_class(path: Path, curves: list[tuple[str, list[int], list[float]]]) -> None:
+    """Per-class test accuracy against training-set size (log x), one line per combination."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, counts, accuracy in curves:
+        order = sorted(range(len(counts)), key=lambda c: counts[c])
+        ax.plot([counts[c] for c in order], [accuracy[c] for c in order], marker="o", markersize=3, label=name)
+    for edge in (20, 100):
+        ax.axvline(edge, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class (log scale); dotted: Few | Medium | Many")
+    ax.set_ylabel("test top-1 of the class (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, lambda fh: fh.write(buffer.getvalue()))
+
+
