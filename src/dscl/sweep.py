@@ -82,7 +82,7 @@ def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: lis
         for seed in seeds:
             configs[combo.name, seed] = load_config(config, [*overrides, *combo.settings, f"seed={seed}"])
     if not summary_only:
-        todo = [(c, s) for c in combos for s in seeds if not _finished(out / c.folder / f"seed{s}")]
+        todo = [(c, s) for s in seeds for c in combos if not _finished(out / c.folder / f"seed{s}")]
         print(f"sweep: {len(combos)} combination(s) x {len(seeds)} seed(s); {len(todo)} run(s) to do", flush=True)
         for n, (combo, seed) in enumerate(todo, 1):
             cfg, path = configs[combo.name, seed], out / combo.folder / f"seed{seed}"

@@ -1,4 +1,5 @@
-"""Two CPU processes on gloo: the queue after a step, and a short torchrun run that resumes."""
+"""Two CPU processes on gloo: the queue after a step, keys through the cross-rank shuffle, and a short
+torchrun run that resumes."""
 
 import json
 import os
@@ -7,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from dscl.config import load_config
 from dscl.engine.distributed import all_gather_cat
@@ -24,8 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one_step(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _one_step(rank: int, out: str) -> None:
     torch.manual_seed(0)  # same initial weights on both ranks, as DDP would broadcast
     cfg = load_config(None, ["pretrain.batch_size=8", "pretrain.queue_size=16", "pretrain.num_patches=2",
                              "pretrain.key_bn_groups=2", "method=dscl+pbsd"])
@@ -41,18 +43,67 @@ def _one_step(rank: int, world: int, port: int, out: str) -> None:
     model.queue.enqueue(all_gather_cat(keys), all_gather_cat(batch[1]))
     torch.save({"keys": keys, "labels": batch[1], "queue": model.queue.keys.clone(),
                 "queue_labels": model.queue.labels.clone(), "ptr": int(model.queue.ptr)}, f"{out}/rank{rank}.pt")
+
+
+def _shuffled_keys(rank: int, out: str) -> None:
+    """Keys through the cross-rank shuffle against keys computed on the rank's own batch, with
+    the key encoder in eval mode so that a sample's key does not depend on its batch-mates."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["pretrain.batch_size=8", "pretrain.queue_size=16", "pretrain.key_bn_groups=2",
+                             "method=dscl"])
+    model = build_stage1_model(cfg, 5)
+    model.key_encoder.eval()
+    model.key_head.eval()
+    torch.manual_seed(200 + rank)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        direct = F.normalize(model.key_head(model.key_encoder(x)), dim=1)
+    processed = []
+    model.key_encoder.register_forward_pre_hook(lambda module, args: processed.append(args[0].clone()))
+    torch.manual_seed(300 + rank)  # each rank would draw another permutation: only rank 0's may count
+    keys = model.encode_keys(x)
+    torch.save({"x": x, "direct": direct, "keys": keys, "processed": processed[0]}, f"{out}/shuffle{rank}.pt")
+
+
+def _two_ranks(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    _one_step(rank, out)
+    _shuffled_keys(rank, out)
     dist.destroy_process_group()
 
 
-def test_every_rank_holds_the_same_queue_with_keys_of_both(tmp_path):
-    mp.start_processes(_one_step, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One pair of spawned gloo processes for the in-process checks below (spawning costs seconds)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    mp.start_processes(_two_ranks, args=(2, free_port(), str(out)), nprocs=2, start_method="spawn")
+    return out
+
+
+def test_every_rank_holds_the_same_queue_with_keys_of_both(two_ranks):
+    r0, r1 = (torch.load(two_ranks / f"rank{r}.pt") for r in range(2))
     assert torch.equal(r0["queue"], r1["queue"]) and torch.equal(r0["queue_labels"], r1["queue_labels"])
     assert r0["ptr"] == r1["ptr"] == 8
     torch.testing.assert_close(r0["queue"][:4], r0["keys"])  # rank 0's keys, then rank 1's
     torch.testing.assert_close(r0["queue"][4:8], r1["keys"])
     assert torch.equal(r0["queue_labels"][:8], torch.cat([r0["labels"], r1["labels"]]))
     assert bool((r0["queue_labels"][8:] == -1).all())
+
+
+def test_keys_come_back_to_their_own_rank_and_row_after_the_cross_rank_shuffle(two_ranks):
+    # Bugs caught: the inverse permutation not applied (or the forward one applied again), the
+    # permutation not broadcast from rank 0 (rows lost or duplicated), the wrong rank's slice kept.
+    ranks = [torch.load(two_ranks / f"shuffle{r}.pt") for r in range(2)]
+    for r in ranks:
+        torch.testing.assert_close(r["keys"], r["direct"], rtol=0, atol=1e-6)
+    # what the ranks' key encoders processed is the 8 images of both ranks, each exactly once
+    full = torch.cat([r["x"] for r in ranks]).flatten(1)
+    source = [[int((full == row).all(1).nonzero().squeeze()) for row in r["processed"].flatten(1)] for r in ranks]
+    assert sorted(source[0] + source[1]) == list(range(8))
+    # and the shuffle really crossed ranks: each rank processed images of the other rank
+    assert any(s >= 4 for s in source[0]) and any(s < 4 for s in source[1])
+    for r in ranks:
+        assert not torch.equal(r["processed"], r["x"])
 
 
 def torchrun(out: Path, overrides, *extra):

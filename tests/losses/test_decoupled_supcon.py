@@ -1,7 +1,5 @@
 """DSCL / SCL loss against a slow per-anchor reference written from SPEC section 2."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,8 +132,9 @@ def test_alpha_one_over_p_plus_one_reproduces_scl():
 @pytest.mark.parametrize("beta", [0.0, 1.0, 8.0, 20.0])
 def test_beta_spelling(beta):
     inputs = random_inputs(seed=int(beta) + 7)
-    expected = beta_reference(*inputs, beta=beta, tau=0.07)
-    torch.testing.assert_close(DecoupledSupConLoss(beta=beta)(*inputs), expected, rtol=1e-5, atol=1e-5)
+    # a temperature other than the default: bug caught, the module form dropping it
+    expected = beta_reference(*inputs, beta=beta, tau=0.2)
+    torch.testing.assert_close(DecoupledSupConLoss(beta=beta, temperature=0.2)(*inputs), expected, rtol=1e-5, atol=1e-5)
     assert alpha_from_beta(8.0) == pytest.approx(1 / 9)
 
 
@@ -160,18 +159,50 @@ def test_gradient_norm_ratio(num_positive):
         assert ratio.item() == pytest.approx(expected, rel=0.05)
 
 
-def test_optimum_probability():
-    """At the optimum p(k_i|z_i) = alpha (DSCL) and 1/(|P_i|+1) (SCL): the loss, as a function of
-    free logits, is minimised there. Checked by gradient descent on the logits of one anchor."""
-    for alpha, num_positive, expected in [(0.1, 4, 0.1), (None, 4, 1 / 5), (0.3, 9, 0.3)]:
-        logits = torch.zeros(1 + num_positive + 20, requires_grad=True)
-        opt = torch.optim.SGD([logits], lr=1.0)
-        for _ in range(2000):
-            log_p = logits - torch.logsumexp(logits, 0)
-            a = 1 / (num_positive + 1) if alpha is None else alpha
-            loss = -(a * log_p[0] + (1 - a) / num_positive * log_p[1 : 1 + num_positive].sum())
-            opt.zero_grad(); loss.backward(); opt.step()
-        assert torch.softmax(logits, 0)[0].item() == pytest.approx(expected, abs=0.01)
+def optimum_on_the_sphere(alpha, num_positive, num_negative=20, tau=0.05, seed=0):
+    """Minimise the library's loss over a free unit query for one anchor: its key e_0, |P|
+    same-class queue entries e_1..e_|P| and other-class entries pointing away from all of them.
+    Returns p(k|z) and p(a|z) for each positive at the optimum, and the negatives' total mass."""
+    g = torch.Generator().manual_seed(seed)
+    dim = num_positive + 1 + 8
+    eye = torch.eye(dim)
+    key, positives = eye[:1], eye[1 : 1 + num_positive]
+    away = -F.normalize(eye[: 1 + num_positive].sum(0), dim=0)
+    negatives = F.normalize(away + 0.3 * torch.randn(num_negative, dim, generator=g), dim=1)
+    queue = torch.cat([positives, negatives])
+    queue_labels = torch.cat([torch.zeros(num_positive), torch.ones(num_negative)]).long()
+    labels = torch.zeros(1, dtype=torch.long)
+    v = torch.randn(dim, generator=g).requires_grad_(True)
+    opt = torch.optim.LBFGS([v], max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = decoupled_supcon_loss(F.normalize(v, dim=0)[None], key, labels, queue, queue_labels,
+                                     alpha=alpha, temperature=tau)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    z = F.normalize(v.detach(), dim=0)
+    p = torch.softmax(torch.cat([key, queue]) @ z / tau, 0)  # candidates of a lone anchor: k, queue
+    return p[0].item(), p[1 : 1 + num_positive], p[1 + num_positive :].sum().item()
+
+
+@pytest.mark.parametrize("alpha, num_positive, expected", [(0.1, 4, 0.1), (None, 4, 1 / 5), (0.3, 9, 0.3),
+                                                           (0.0, 3, 0.0)])
+def test_optimum_probability(alpha, num_positive, expected):
+    """At the optimum p(k_i|z_i) = alpha (DSCL) and 1/(|P_i|+1) (SCL), the rest shared evenly by P_i.
+
+    The anchor is a free unit vector and the candidates are placed so that those
+    probabilities are reachable (negatives far away), so the library's loss itself must put
+    its minimum there. Bug caught: the weights of k_i and P_i swapped or mis-normalised, or
+    k_i counted in P_i (the optimum then moves off alpha)."""
+    p_key, p_positive, p_negative = optimum_on_the_sphere(alpha, num_positive)
+    assert p_negative < 1e-3
+    assert p_key == pytest.approx(expected, abs=5e-3)
+    torch.testing.assert_close(p_positive, torch.full((num_positive,), (1 - expected) / num_positive),
+                               rtol=0, atol=5e-3)
 
 
 def test_rejects_bad_arguments():

@@ -59,10 +59,16 @@ def test_minimised_when_student_equals_teacher():
 
 
 def test_empty_slots_ignored_and_module_form():
+    # Bugs caught: empty slots taking part, or the module form dropping its temperature.
     teacher, student, key, queue, queue_labels = random_inputs(empty=6)
-    keep = queue_labels >= 0
-    expected = patch_distillation_loss(teacher, student, key, queue[keep], queue_labels[keep])
-    torch.testing.assert_close(PatchDistillationLoss()(teacher, student, key, queue, queue_labels), expected)
+    expected = reference_loss(teacher, student, key, queue, queue_labels, 0.2)
+    torch.testing.assert_close(PatchDistillationLoss(temperature=0.2)(teacher, student, key, queue, queue_labels),
+                               expected, rtol=1e-5, atol=1e-5)
+    # whatever sits in an empty slot changes nothing
+    queue2 = queue.clone()
+    queue2[queue_labels < 0] = F.normalize(torch.randn(6, queue.shape[1]), dim=1)
+    torch.testing.assert_close(patch_distillation_loss(teacher, student, key, queue2, queue_labels),
+                               patch_distillation_loss(teacher, student, key, queue, queue_labels))
 
 
 def test_rejects_bad_shapes():

@@ -82,3 +82,56 @@ def test_patch_teacher_pools_the_box_region():
     # middle box in pixels 8..24 is feature cells 2..6
     expected_mid = F.normalize(model.head(fmap[1, :, 2:6, 2:6].mean((1, 2))[None]), dim=1)
     torch.testing.assert_close(out[1], expected_mid, rtol=1e-4, atol=1e-5)
+
+
+def grouped_reference(x, weight, bias, eps, groups, seed):
+    """Shuffle BN on one device, from its description: the permutation ``torch.randperm(B)``
+    drawn after ``torch.manual_seed(seed)``; sample i of the permuted batch in group i % groups,
+    each group normalised with its own batch statistics; then back to the original order."""
+    torch.manual_seed(seed)
+    perm = torch.randperm(x.shape[0])
+    shuffled = x[perm]
+    out = torch.empty_like(shuffled)
+    for g in range(groups):
+        position = torch.arange(g, x.shape[0], groups)
+        out[position] = F.batch_norm(shuffled[position], None, None, weight, bias, training=True, eps=eps)
+    restored = torch.empty_like(out)
+    restored[perm] = out  # row perm[i] of x was processed at position i
+    return restored
+
+
+@pytest.mark.parametrize("batch, groups", [(8, 2), (12, 4)])
+def test_shuffled_keys_are_normalised_within_interleaved_groups_of_the_permuted_batch(batch, groups):
+    # Bugs caught: groups taken from the unshuffled batch or as contiguous blocks, the
+    # permutation applied instead of its inverse on the way back, statistics over the whole batch.
+    model = small_model(groups=groups)
+    bn = GroupedBatchNorm2d(3)
+    bn.groups = groups
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    model.key_encoder = torch.nn.Sequential(bn, torch.nn.Flatten())  # key = normalize(flat(BN(x)))
+    model.key_head = torch.nn.Identity()
+    x = torch.randn(batch, 3, 2, 2) * 2 + torch.arange(batch, dtype=torch.float)[:, None, None, None]
+    seed = 11
+    expected = F.normalize(grouped_reference(x, bn.weight.detach(), bn.bias.detach(), bn.eps, groups, seed).flatten(1),
+                           dim=1)
+    torch.manual_seed(seed)
+    keys = model.encode_keys(x)
+    torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-5)
+    # the reference itself is sensitive to the permutation: another seed gives other keys
+    other = F.normalize(grouped_reference(x, bn.weight.detach(), bn.bias.detach(), bn.eps, groups, seed + 1).flatten(1),
+                        dim=1)
+    assert (keys - other).abs().max() > 1e-2
+
+
+def test_key_encoder_batchnorm_is_grouped_in_training():
+    # Bug caught: the key encoder's BatchNorm layers left ungrouped (the groups setting ignored).
+    x = torch.randn(8, 3, 32, 32)
+    keys = {}
+    for groups in (1, 2):
+        model = small_model(groups=groups).train()  # same weights for both (seeded)
+        torch.manual_seed(5)  # same permutation for both
+        keys[groups] = model.encode_keys(x)
+        torch.testing.assert_close(keys[groups].norm(dim=1), torch.ones(8))
+    assert (keys[1] - keys[2]).abs().max() > 1e-3

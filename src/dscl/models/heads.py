@@ -29,10 +29,16 @@ class FeatureStandardizer(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     @torch.no_grad()
-    def fit(self, features: Tensor, eps: float = 1e-6) -> None:
-        """Set the statistics from (N, dim) features."""
+    def fit(self, features: Tensor, floor: float = 0.01) -> None:
+        """Set the statistics from (N, dim) features.
+
+        A feature (nearly) constant on these images, e.g. a ReLU channel that is 0 on every
+        un-augmented image, may still move on augmented views; its std is floored at ``floor``
+        times the mean std of all features, so it cannot be blown up by orders of magnitude.
+        """
+        std = features.std(0, unbiased=False)
         self.mean.copy_(features.mean(0))
-        self.std.copy_(features.std(0, unbiased=False).clamp(min=eps))
+        self.std.copy_(std.clamp(min=max(floor * float(std.mean()), 1e-12)))
 
     def forward(self, v: Tensor) -> Tensor:
         return (v - self.mean) / self.std

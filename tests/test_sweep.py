@@ -1,0 +1,73 @@
+"""`dscl sweep`: grid x seeds, resumable, summaries rebuilt from the run folders."""
+
+import csv
+
+import pytest
+from PIL import Image
+
+import dscl.engine
+from dscl.cli import main
+from dscl.errors import ConfigError
+from dscl.sweep import parse_grid
+
+
+def sweep_args(out, tiny_overrides, *grid):
+    sets = [x for o in tiny_overrides + ["pretrain.knn_every=0"] for x in ("--set", o)]
+    return ["sweep", *sets, *[x for g in grid for x in ("--grid", g)], "--seeds", "0", "1", "--out", str(out),
+            "--select", "val"]
+
+
+def test_two_by_two_grid_two_seeds_then_a_second_call_runs_nothing(tmp_path, tiny_overrides, monkeypatch):
+    out = tmp_path / "sweep"
+    args = sweep_args(out, tiny_overrides, "method=ce,scl", "linear.lr=0.05,0.02")
+    assert main(args) == 0
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["combination"] for r in rows] == ["method=ce,linear.lr=0.05", "method=ce,linear.lr=0.02",
+                                                "method=scl,linear.lr=0.05", "method=scl,linear.lr=0.02"]
+    assert all(r["runs"] == "2" and float(r["overall_std"]) >= 0 for r in rows)
+    assert sum(r["selected"] == "True" for r in rows) == 1
+    table = (out / "summary.md").read_text()
+    assert table.count("±") >= 4 * 4 and table.count("\n| method=") == 4
+    # stage 1 of the second linear.lr is copied, not trained again
+    assert "stage 1 reused from" in (out / "method-scl_linear.lr-0.02" / "seed1" / "log.txt").read_text()
+    with Image.open(out / "per_class.png") as image:
+        assert image.format == "PNG" and image.size[0] > 100
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(dscl.engine, "run", must_not_run)
+    before = (out / "summary.csv").read_text()
+    assert main(args) == 0
+    assert (out / "summary.csv").read_text() == before
+
+
+def test_a_failed_run_is_recorded_and_not_retried(tmp_path, tiny_overrides, monkeypatch):
+    out = tmp_path / "sweep"
+    args = sweep_args(out, tiny_overrides, "method=scl", "linear.lr=1000")
+    assert main(args) == 0
+    error = (out / "method-scl_linear.lr-1000" / "seed0" / "error.txt").read_text()
+    assert "linear.lr" in error
+    assert "2 failed" in (out / "summary.md").read_text()
+    monkeypatch.setattr(dscl.engine, "run", lambda *a, **k: pytest.fail("a failed run was retried"))
+    assert main(args) == 0
+
+
+def test_a_folder_of_another_configuration_is_refused(tmp_path, tiny_overrides, capsys):
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out, tiny_overrides, "method=ce") + ["--summary-only"]) == 0  # nothing run
+    (out / "method-ce" / "seed0").mkdir(parents=True)
+    (out / "method-ce" / "seed0" / "config.yaml").write_text("method: ce\nseed: 0\npretrain:\n  epochs: 99\n")
+    assert main(sweep_args(out, tiny_overrides, "method=ce")) == 2
+    assert "pretrain.epochs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grid, words", [(["method"], "expected key=value"), (["method=ce,"], "empty value"),
+                                         (["method=ce", "method=scl"], "twice")])
+def test_bad_grids_are_refused(grid, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_grid(grid)
+
+
+def test_list_values_keep_their_brackets():
+    assert parse_grid(["linear.milestones=[2,3],[4]"]) == [("linear.milestones", ["[2,3]", "[4]"])]
