@@ -1,6 +1,8 @@
 """`dscl sweep`: grid x seeds, resumable, summaries rebuilt from the run folders."""
 
 import csv
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -71,3 +73,20 @@ def test_bad_grids_are_refused(grid, words):
 
 def test_list_values_keep_their_brackets():
     assert parse_grid(["linear.milestones=[2,3],[4]"]) == [("linear.milestones", ["[2,3]", "[4]"])]
+
+
+def test_a_run_held_by_a_live_process_is_left_alone(tmp_path, tiny_overrides, monkeypatch):
+    out = tmp_path / "sweep"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "method-ce").mkdir(parents=True)
+        (out / "method-ce" / "seed0.lock").write_text(str(holder.pid))
+        (out / "method-ce" / "seed1.lock").write_text("999999999")  # a dead owner: taken over
+        ran = []
+        monkeypatch.setattr(dscl.engine, "run", lambda cfg, path, rt, **k: ran.append(path.name))
+        assert main(sweep_args(out, tiny_overrides, "method=ce")) == 0
+        assert ran == ["seed1"]
+        assert (out / "method-ce" / "seed0.lock").is_file() and not (out / "method-ce" / "seed1.lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()

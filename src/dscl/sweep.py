@@ -3,7 +3,8 @@ another, then a summary table and a per-class plot.
 
 Each run lives in ``OUT/<combination>/seed<k>/``, an ordinary run folder. A call skips the runs
 that finished (``results.json``), resumes the ones that were killed, and records a run that
-stopped on an error (``error.txt``; not retried). Summaries are rebuilt from what is on disk,
+stopped on an error (``error.txt``; not retried). Several sweep processes may share one OUT:
+a lock file per run keeps them on different runs. Summaries are rebuilt from what is on disk,
 so they can always be regenerated with ``--summary-only``.
 """
 
@@ -13,6 +14,7 @@ import csv
 import io
 import itertools
 import json
+import os
 import shutil
 import statistics
 from dataclasses import dataclass
@@ -86,21 +88,62 @@ def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: lis
         print(f"sweep: {len(combos)} combination(s) x {len(seeds)} seed(s); {len(todo)} run(s) to do", flush=True)
         for n, (combo, seed) in enumerate(todo, 1):
             cfg, path = configs[combo.name, seed], out / combo.folder / f"seed{seed}"
-            print(f"\n=== sweep run {n}/{len(todo)}: {combo.name}, seed {seed} -> {path}", flush=True)
-            _check_same(path, cfg.to_dict())
-            _reuse_stage1(path, cfg.to_dict(), [out / c.folder / f"seed{seed}" for c in combos])
-            rt = setup(cfg.device)
-            try:
-                run(cfg, path, rt, resume=(path / "config.yaml").is_file())
-            except DSCLError as exc:
-                if isinstance(exc, ConfigError):
-                    raise
-                atomic_write_text(path / "error.txt", f"{exc}\n")
-                print(f"sweep: run failed, recorded in {path / 'error.txt'}: {exc}", flush=True)
-            finally:
-                teardown()
+            with RunLock(path) as mine:
+                if not mine or _finished(path):  # another sweep process has it, or finished it
+                    continue
+                print(f"\n=== sweep run {n}/{len(todo)}: {combo.name}, seed {seed} -> {path}", flush=True)
+                _check_same(path, cfg.to_dict())
+                _reuse_stage1(path, cfg.to_dict(), [out / c.folder / f"seed{seed}" for c in combos])
+                rt = setup(cfg.device)
+                try:
+                    run(cfg, path, rt, resume=(path / "config.yaml").is_file())
+                except DSCLError as exc:
+                    if isinstance(exc, ConfigError):
+                        raise
+                    atomic_write_text(path / "error.txt", f"{exc}\n")
+                    print(f"sweep: run failed, recorded in {path / 'error.txt'}: {exc}", flush=True)
+                finally:
+                    teardown()
     rows = summarise(out, combos, seeds, select)
     return rows
+
+
+class RunLock:
+    """``sweep.lock`` beside a run folder, holding the owner's pid: several sweep processes
+    (one per core, say) can share one --out, each taking the runs no live process holds."""
+
+    def __init__(self, path: Path):
+        self.file = path.parent / f"{path.name}.lock"
+        self.held = False
+
+    def __enter__(self) -> bool:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if _alive(self.file):
+                    return False
+                self.file.unlink(missing_ok=True)  # left by a process that died
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self.held = True
+            return True
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.file.unlink(missing_ok=True)
+
+
+def _alive(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text() or 0)
+        os.kill(pid, 0)
+    except (ValueError, OSError):
+        return False
+    return pid != os.getpid()
 
 
 def _reuse_stage1(path: Path, config: dict, candidates: list[Path]) -> None:
