@@ -103,8 +103,8 @@ def main(argv=None) -> int:
             sets = ["method=dscl+pbsd", "data.name=imagefolder", f"data.root={root}", "data.imbalance_ratio=100",
                     "data.val_per_class=20", "data.pipeline=tensor", "model.backbone=resnet32",
                     f"pretrain.epochs={epochs}", "pretrain.batch_size=256", "pretrain.lr=0.1",
-                    "pretrain.warmup_epochs=1", "pretrain.queue_size=4096", "pretrain.patch_size=16",
-                    f"linear.epochs={1 if args.smoke else 10}", "linear.batch_size=512", "linear.lr=2.0",
+                    "pretrain.warmup_epochs=1", "pretrain.queue_size=4096", "pretrain.patch_size=16", "pretrain.ema_momentum=0.99",
+                    f"linear.epochs={1 if args.smoke else 10}", "linear.batch_size=512", "linear.lr=0.1",
                     "linear.milestones=[7]", "checkpoint_every_steps=0"]
             if args.smoke:
                 sets += ["pretrain.steps_per_epoch=2", "linear.steps_per_epoch=2", "pretrain.batch_size=16"]
