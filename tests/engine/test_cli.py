@@ -86,3 +86,18 @@ def test_refuses_to_overwrite_or_resume_another_run(tmp_path, tiny_overrides, ca
     err = capsys.readouterr().err
     assert "method: 'dscl' -> 'scl'" in err and "pretrain.queue_size: 24 -> 32" in err
     assert (out / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path, tiny_overrides, capsys, resume):
+    # Bug caught: a run that failed on a wrong data root left config.yaml, and the corrected
+    # command into the same --out was refused ("already holds a run", or a resume differing in root).
+    out = tmp_path / "run"
+    sets = [x for o in tiny_overrides + ["method=ce"] for x in ("--set", o)]
+    assert run_cli("run", "--out", out, *sets, "--set", "data.name=imagefolder",
+                   "--set", f"data.root={tmp_path / 'WRONG'}") == 2
+    assert "WRONG" in capsys.readouterr().err
+    assert (out / "config.yaml").is_file() and not (out / "checkpoints").exists()
+    assert run_cli("run", "--out", out, *sets, *(["--resume"] if resume else [])) == 0
+    assert json.loads((out / "results.json").read_text())["method"] == "ce"
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["name"] == "synthetic"

@@ -32,6 +32,8 @@ class RunDir:
 
     def prepare(self, config: dict, resume: bool) -> None:
         """Refuse to write over another run; on resume, refuse a run that differs in what it is.
+        A folder whose run stopped before its first checkpoint (a wrong data root, say) holds
+        nothing to protect: a new run, or a resume with other settings, takes it over.
 
         Every rank checks before any rank writes (callers put a barrier between ``check``
         and ``write_config`` when running distributed); ``prepare`` does both for one process.
@@ -42,6 +44,8 @@ class RunDir:
     def check(self, config: dict, resume: bool) -> None:
         saved_path = self.path / "config.yaml"
         self.config = config
+        if saved_path.is_file() and not self.has_progress():
+            return  # a start that failed before its first checkpoint: the corrected rerun takes its place
         if saved_path.is_file():
             if not resume:
                 raise ConfigError(f"{self.path} already holds a run (config.yaml); pass --resume to continue it "
@@ -55,6 +59,10 @@ class RunDir:
                 raise ConfigError(f"cannot resume {self.path}: the run there differs in\n  " + "\n  ".join(diffs))
         elif resume and self.path.exists() and any(self.path.iterdir()):
             raise ConfigError(f"{self.path} holds no dscl run to resume (no config.yaml)")
+
+    def has_progress(self) -> bool:
+        """Whether anything trained here: a checkpoint or a results file."""
+        return (self.path / "results.json").is_file() or any((self.path / "checkpoints").glob("*.pt"))
 
     def write_config(self) -> None:
         if self.is_main:
