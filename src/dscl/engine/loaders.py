@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..config import Config
 from .distributed import Runtime
 from .seeding import mix_seed, seed_everything
-from .tensor_data import TensorBatches, images_in_memory, use_tensor_pipeline
+from .tensor_data import TensorBatches, images_in_memory, pipeline_choice
 
 
 class SeededDataset(Dataset):
@@ -79,10 +79,14 @@ class EpochBatches:
     in-memory uint8 copy) where ``data.pipeline`` allows, otherwise per image in a DataLoader."""
 
     def __init__(self, cfg: Config, dataset: Dataset, transform_for, rt: Runtime, *, batch: int, seed: int):
-        self.on_device = use_tensor_pipeline(cfg, dataset)
+        self.on_device, self.why = pipeline_choice(cfg, dataset)
         self.transform = transform_for(self.on_device)
         self.tensors = images_in_memory(dataset, rt.device) if self.on_device else None
         self.dataset, self.rt, self.batch, self.seed, self.workers = dataset, rt, batch, seed, cfg.data.num_workers
+
+    def describe(self) -> str:
+        kind = "on-device batches" if self.on_device else f"per-image PIL, {self.workers} loader worker(s)"
+        return f"data path: {kind} ({self.why})"
 
     def epoch(self, order: Sequence[int], epoch: int, start_step: int):
         if self.tensors is not None:

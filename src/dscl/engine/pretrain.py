@@ -184,6 +184,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
     net = DistributedDataParallel(model) if rt.distributed else model
     batches = EpochBatches(cfg, splits.train, lambda on_device: stage1_transform(cfg, splits.image_size, on_device),
                            rt, batch=local_batch, seed=cfg.seed)
+    run.log(batches.describe())
 
     def save_last(epoch: int, step: int) -> None:
         if rt.is_main:

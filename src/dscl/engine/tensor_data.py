@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import Config
@@ -20,12 +21,38 @@ from .seeding import mix_seed
 MAX_SIDE = 64  # larger images stay on the per-image (PIL) path
 
 
+MAX_BYTES = 4 * 2**30  # auto keeps a file list on the per-image path above this much uint8
+PROBES = 8  # images whose size auto checks in a file list
+
+
 def use_tensor_pipeline(cfg: Config, dataset: Dataset) -> bool:
-    if cfg.data.pipeline == "pil":
-        return False
-    if cfg.data.pipeline == "tensor":
-        return True
-    return hasattr(dataset, "data")  # auto: data sets that are already arrays in memory
+    return pipeline_choice(cfg, dataset)[0]
+
+
+def pipeline_choice(cfg: Config, dataset: Dataset) -> tuple[bool, str]:
+    """(on-device path?, why), for ``data.pipeline``: ``auto`` takes the on-device path for data
+    already in memory and for file lists of small images of one size (checked on a few files,
+    spread over the list), where it keeps up and the per-image path does not."""
+    if cfg.data.pipeline != "auto":
+        return cfg.data.pipeline == "tensor", f"data.pipeline: {cfg.data.pipeline}"
+    if hasattr(dataset, "data"):
+        return True, "auto: images already in memory"
+    paths = getattr(dataset, "paths", None)
+    if not paths:
+        return False, "auto: not a file list"
+    sizes = set()
+    for i in range(0, len(paths), max(1, len(paths) // PROBES)):
+        try:
+            with Image.open(paths[i]) as image:
+                sizes.add(image.size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return False, f"auto: {paths[i]} unreadable"
+    if len(sizes) != 1 or max(next(iter(sizes))) > MAX_SIDE:
+        return False, f"auto: images larger than {MAX_SIDE} px or of several sizes"
+    w, h = sizes.pop()
+    if len(paths) * w * h * 3 > MAX_BYTES:
+        return False, f"auto: {len(paths)} images would need more than {MAX_BYTES // 2**30} GiB in memory"
+    return True, f"auto: {w}x{h}-px images"
 
 
 def images_in_memory(dataset: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
