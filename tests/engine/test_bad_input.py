@@ -5,6 +5,7 @@ no traceback, and an output folder without results.json or a checkpoint that cla
 complete. With ``data.skip_bad_images`` a corrupt image is dropped instead and the run finishes.
 """
 
+import errno
 import json
 import os
 
@@ -14,6 +15,8 @@ import torch
 from PIL import Image
 
 from dscl.cli import main
+from dscl.engine import checkpoint as ckpt
+from dscl.errors import CheckpointError
 
 CLASSES = ("c0", "c1", "c2")
 
@@ -260,3 +263,20 @@ def test_unchecked_value(tmp_path, tiny_overrides, capsys, override):
     root = image_folder(tmp_path / "data")
     rc = run_cli(tmp_path / "run", tiny(tiny_overrides, root, override, "pretrain.epochs=1", "linear.epochs=1"))
     assert_refused(rc, capsys.readouterr().err, tmp_path / "run", override.split("=")[0])
+
+
+def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    # Bug caught: a failed write that leaves a truncated checkpoint or a temp file behind, or a
+    # raw OSError traceback instead of a message saying the disk is full.
+    path = tmp_path / "checkpoints" / "pretrain_last.pt"
+    ckpt.save_checkpoint(path, {"format": 1, "epoch": 1})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.os, "fsync", full)
+    with pytest.raises(CheckpointError, match="disk is full.*previous pretrain_last.pt is unchanged"):
+        ckpt.save_checkpoint(path, {"format": 1, "epoch": 2})
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["pretrain_last.pt"]

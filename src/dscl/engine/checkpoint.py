@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,12 @@ def atomic_write_bytes(path: Path, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            keep = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+            raise CheckpointError(f"{path}: the disk is full (or over quota), {shutil.disk_usage(path.parent).free} "
+                                  f"bytes free; {keep}. Free space, then continue with --resume") from exc
         raise
 
 
