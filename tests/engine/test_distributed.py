@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,45 @@ def test_two_process_run_trains_and_resumes(tmp_path, tiny_overrides):
     rows = (out / "metrics.csv").read_text().splitlines()[1:]
     assert [r.split(",")[:2] for r in rows] == [["pretrain", "1"], ["pretrain", "2"], ["linear", "1"]]
     assert json.loads((out / "results.json").read_text())["method"] == "dscl+pbsd"
+
+
+def _nan_on_rank_one(rank: int, world: int, port: int, out: str, overrides: list) -> None:
+    import dscl.engine.pretrain as pretrain_module
+    from dscl.engine import run, setup
+    from dscl.errors import NumericalError
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    real, calls = pretrain_module.stage1_losses, {"n": 0}
+
+    def nan_at_second_step_of_rank_one(*args, **kwargs):
+        calls["n"] += 1
+        loss, parts = real(*args, **kwargs)
+        return (loss * float("nan") if rank == 1 and calls["n"] == 2 else loss), parts
+
+    pretrain_module.stage1_losses = nan_at_second_step_of_rank_one
+    rt = setup("cpu")
+    try:
+        run(load_config(None, overrides), Path(out) / "run", rt)
+        message = "finished"
+    except NumericalError as exc:
+        message = str(exc)
+    Path(out, f"rank{rank}.txt").write_text(message)
+    dist.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_the_same_message(tmp_path, tiny_overrides):
+    # Bug caught: the rank with the NaN raises alone and the other waits at the next collective
+    # until the process group times out (30 minutes by default).
+    ctx = mp.start_processes(_nan_on_rank_one, args=(2, free_port(), str(tmp_path), tiny_overrides + ["method=dscl"]),
+                             nprocs=2, start_method="spawn", join=False)
+    deadline = time.time() + 120
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise AssertionError("a rank did not stop within 2 minutes of the NaN")
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0].split("(here")[0] == messages[1].split("(here")[0]
+    assert messages[0].startswith("stage 1, epoch 1, step 2: the loss is not finite in 1 process(es)")
+    assert "(here: nan)" in messages[1] and "(here: nan)" not in messages[0]

@@ -23,7 +23,7 @@ from ..models import Classifier, build_backbone
 from .distributed import Runtime, all_reduce_sum
 from .evaluate import accuracy_report, extract_features, predict
 from .loaders import EpochBatches, steps_per_epoch
-from .pretrain import autocast, prepare_model, to_device
+from .pretrain import autocast, prepare_model, stop_if_not_finite, to_device
 from .rundir import RunDir
 from .seeding import mix_seed
 from .tensor_data import use_tensor_pipeline
@@ -122,9 +122,7 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
             with torch.no_grad(), autocast(cfg, rt.device):
                 features = model.norm(backbone(to_device(images, rt.device, cfg)).float())
             loss = F.cross_entropy(fc(features), labels.to(rt.device))
-            if not torch.isfinite(loss):
-                raise NumericalError(f"stage 2, epoch {epoch + 1}, step {step + 1}: loss is {loss.item()}; "
-                                     f"lower linear.lr (now {lc.lr:g})")
+            stop_if_not_finite(loss, f"stage 2, epoch {epoch + 1}, step {step + 1}", f"lower linear.lr (now {lc.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

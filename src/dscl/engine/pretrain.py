@@ -91,6 +91,15 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
     return loss, parts
 
 
+def stop_if_not_finite(loss: torch.Tensor, where: str, hint: str) -> None:
+    """Raise the same NumericalError on every rank when the loss of any rank is NaN or infinite
+    (one all-reduce of a flag), so no rank is left waiting at the next collective."""
+    bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+    if bad.item():
+        raise NumericalError(f"{where}: the loss is not finite in {int(bad.item())} process(es) "
+                             f"(here: {loss.item()}); {hint}")
+
+
 def autocast(cfg: Config, device: torch.device):
     """bf16 autocast for the networks when ``precision: bf16``; a no-op context otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -205,9 +214,8 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, parts = stage1_losses(net, batch, cfg, rt.device)
-            if not torch.isfinite(loss):
-                raise NumericalError(f"stage 1, epoch {epoch + 1}, step {step + 1}: loss is {loss.item()}; "
-                                     f"the last good checkpoint is {run.checkpoint('pretrain_last')}")
+            stop_if_not_finite(loss, f"stage 1, epoch {epoch + 1}, step {step + 1}",
+                               f"the last good checkpoint is {run.checkpoint('pretrain_last')}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
