@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.data
 
 from dscl.cli import main
+from dscl.engine import loaders
 from dscl.engine.checkpoint import load_checkpoint
 
 ACCURACY_KEYS = ("overall", "many", "medium", "few", "per_class")
@@ -125,3 +127,32 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, tiny_overrides, capsys)
     assert main(["run", "--out", str(out), "--resume", *sets(overrides), "--set", "pretrain.epochs=1"]) == 2
     assert "pretrain.pt" in capsys.readouterr().err
     assert not (out / "results.json").exists()
+
+
+def test_a_dead_loader_worker_stops_the_run_and_resume_continues_exactly(tmp_path, tiny_overrides, monkeypatch,
+                                                                        capsys):
+    # Bug caught: a worker killed by the OOM killer surfacing as a DataLoader traceback (or a
+    # hang), or a resume after it that does not continue the same run.
+    overrides = tiny_overrides + ["method=dscl", "data.pipeline=pil", "data.num_workers=1", "checkpoint_every_steps=1",
+                                  "linear.epochs=1"]
+    assert main(["run", "--out", str(tmp_path / "alone"), *sets(overrides)]) == 0
+    alone = json.loads((tmp_path / "alone" / "results.json").read_text())
+
+    flag = tmp_path / "killed-once"
+    real = loaders.SeededDataset.__getitem__
+
+    def dies_once_in_a_worker(self, item):
+        info = torch.utils.data.get_worker_info()
+        if info is not None and item[0] % 7 == 3 and not flag.exists():
+            flag.write_text("x")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, item)
+
+    monkeypatch.setattr(loaders.SeededDataset, "__getitem__", dies_once_in_a_worker)
+    out = tmp_path / "killed"
+    assert main(["run", "--out", str(out), *sets(overrides)]) == 2
+    err = capsys.readouterr().err
+    assert flag.exists() and "data-loader worker process died" in err and "--resume" in err
+    assert main(["run", "--out", str(out), "--resume", *sets(overrides)]) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert {k: resumed[k] for k in ACCURACY_KEYS} == {k: alone[k] for k in ACCURACY_KEYS}

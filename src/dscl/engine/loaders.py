@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import Config
+from ..errors import DataError
 from .distributed import Runtime
 from .seeding import mix_seed, seed_everything
 from .tensor_data import TensorBatches, images_in_memory, pipeline_choice
@@ -92,5 +93,18 @@ class EpochBatches:
         if self.tensors is not None:
             return TensorBatches(*self.tensors, order, batch=self.batch, start_step=start_step,
                                  transform=self.transform, seed=self.seed, epoch=epoch, rank=self.rt.rank)
-        return make_loader(self.dataset, self.transform, order, seed=self.seed, epoch=epoch, rank=self.rt.rank,
-                           batch=self.batch, start_step=start_step, num_workers=self.workers, device=self.rt.device)
+        return stop_on_dead_worker(make_loader(self.dataset, self.transform, order, seed=self.seed, epoch=epoch,
+                                               rank=self.rt.rank, batch=self.batch, start_step=start_step,
+                                               num_workers=self.workers, device=self.rt.device), epoch)
+
+
+def stop_on_dead_worker(loader: DataLoader, epoch: int):
+    """The loader's batches; a worker process that dies (killed, out of memory) stops the run
+    with a message naming the cause instead of a traceback from inside the DataLoader."""
+    try:
+        yield from loader
+    except RuntimeError as exc:
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise DataError(f"epoch {epoch + 1}: a data-loader worker process died ({exc}); the usual cause is "
+                        f"running out of memory (fewer data.num_workers help). Continue with --resume") from None
