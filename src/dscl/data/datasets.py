@@ -212,19 +212,22 @@ def _drop_bad(splits: DataSplits) -> DataSplits:
     return splits
 
 
-def _check_eval_images(splits: DataSplits) -> None:
+def _check_eval_images(splits: DataSplits, where: dict[str, str]) -> None:
     """Decode the validation and test images once, before any training: a corrupt test image
     must not surface only after hours of training. Training images are read as they come."""
-    paths = [p for ds in (splits.val, splits.test) if isinstance(ds, ImageListDataset) for p in ds.paths]
-    bad = find_bad_images(dict.fromkeys(paths))
-    if bad:
-        try:
-            load_rgb(bad[0])
-            reason = ""
-        except DataError as exc:
-            reason = f": {exc}"
-        raise DataError(f"{len(bad)} unreadable image(s) in the validation / test splits, first {bad[0]}{reason}; "
-                        f"replace them, or set data.skip_bad_images: true to drop them")
+    for split in ("val", "test"):
+        ds = getattr(splits, split)
+        if not isinstance(ds, ImageListDataset):
+            continue
+        bad = find_bad_images(dict.fromkeys(ds.paths))
+        if bad:
+            try:
+                load_rgb(bad[0])
+                reason = ""
+            except DataError as exc:
+                reason = f": {exc}"
+            raise DataError(f"{where[split]}: {len(bad)} unreadable image(s) in the {split} split, first {bad[0]}"
+                            f"{reason}; replace them, or set data.skip_bad_images: true to drop them")
 
 
 def build_splits(
@@ -286,7 +289,7 @@ def build_splits(
         splits = DataSplits(sets["train"], sets["val"], sets["test"], len(classes), classes, 224)
     _check(splits, where)
     if not skip_bad_images:
-        _check_eval_images(splits)
+        _check_eval_images(splits, where)
     if skip_bad_images:
         splits = _drop_bad(splits)
         _check(splits, where, f" after dropping {len(splits.bad_files)} unreadable image(s)")
