@@ -13,31 +13,28 @@ from ..data import shot_groups
 
 
 @torch.no_grad()
+def _outputs(module: nn.Module, loader, device: torch.device, post, progress: bool, desc: str):
+    """``post(module(images))`` of every (images, labels) batch, in eval mode, and the labels."""
+    was_training = module.training
+    module.eval()
+    outputs, labels = [], []
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        outputs.append(post(module(images.to(device, non_blocking=True))).cpu())
+        labels.append(torch.as_tensor(targets).cpu())
+    module.train(was_training)
+    return torch.cat(outputs), torch.cat(labels)
+
+
 def predict(model: nn.Module, loader, *, device: torch.device, progress: bool = True,
             desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted and true labels of every (images, labels) batch of ``loader``, model in eval mode."""
-    was_training = model.training
-    model.eval()
-    preds, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        preds.append(model(images.to(device, non_blocking=True)).argmax(1).cpu())
-        labels.append(torch.as_tensor(targets).cpu())
-    model.train(was_training)
-    return torch.cat(preds), torch.cat(labels)
+    return _outputs(model, loader, device, lambda logits: logits.argmax(1), progress, desc)
 
 
-@torch.no_grad()
 def extract_features(backbone: nn.Module, loader, *, device: torch.device, progress: bool = False,
                      desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled backbone features (N, d) and labels (N,) of every batch of ``loader``, in eval mode."""
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        features.append(backbone(images.to(device, non_blocking=True)).float().cpu())
-        labels.append(torch.as_tensor(targets).cpu())
-    backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
+    return _outputs(backbone, loader, device, lambda features: features.float(), progress, desc)
 
 
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, features: torch.Tensor,
