@@ -17,11 +17,12 @@ import copy
 from pathlib import Path
 
 import torch
+import yaml
 
 from dscl.config import config_from_dict
 from dscl.engine.evaluate import extract_features, knn_predict
+from dscl.engine.checkpoint import load_checkpoint
 from dscl.engine.linear import backbone_from_stage1
-from dscl.engine.rundir import RunDir
 from dscl.engine.runner import load_data
 from dscl.engine.tensor_data import images_in_memory
 from dscl.engine.views import eval_loader, stage1_transform
@@ -55,17 +56,10 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--batches", type=int, default=40)
     args = parser.parse_args()
-    run = RunDir(args.run)
-    import yaml
-
     cfg = config_from_dict(yaml.safe_load((args.run / "config.yaml").read_text()))
-    cfg.method = "dscl+pbsd"  # the transform that draws the crops
-    run.config = cfg.to_dict()
     splits = load_data(cfg)
-    state = run.load(run.checkpoint("pretrain"))["model"]
-    cfg.method = "dscl"
-    backbone = backbone_from_stage1(cfg, state)
-    cfg.method = "dscl+pbsd"
+    backbone = backbone_from_stage1(cfg, load_checkpoint(args.run / "checkpoints" / "pretrain.pt")["model"])
+    cfg.method = "dscl+pbsd"  # the transform that draws the patch crops
     images, _ = images_in_memory(splits.train, torch.device("cpu"))
     transform = stage1_transform(cfg, splits.image_size, on_device=True)
     loaders = [eval_loader(ds, splits.image_size, on_device=True, batch=512, device=torch.device("cpu"))

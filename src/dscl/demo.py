@@ -15,9 +15,9 @@ DEMO_METHODS = ("ce", "scl", "dscl", "dscl+pbsd")
 DEMO_SETTINGS = [
     "data.name=synthetic", "data.imbalance_ratio=100", "data.synthetic_classes=10", "data.synthetic_n_max=500",
     "data.val_per_class=0", "model.backbone=resnet32",
-    "pretrain.epochs=8", "pretrain.batch_size=64", "pretrain.lr=0.2", "pretrain.warmup_epochs=1",
-    "pretrain.queue_size=1024", "pretrain.ema_momentum=0.99", "pretrain.key_bn_groups=4", "pretrain.knn_every=2",
-    "linear.epochs=6", "linear.batch_size=128", "linear.lr=0.1", "linear.milestones=[4]",
+    "pretrain.epochs=6", "pretrain.batch_size=64", "pretrain.lr=0.2", "pretrain.warmup_epochs=1",
+    "pretrain.queue_size=1024", "pretrain.ema_momentum=0.99", "pretrain.key_bn_groups=4", "pretrain.knn_every=3",
+    "linear.epochs=4", "linear.batch_size=128", "linear.lr=0.1", "linear.milestones=[3]",
 ]
 
 
