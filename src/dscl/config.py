@@ -30,7 +30,7 @@ class DataConfig:
     root: str | None = None
     imbalance_ratio: float | None = 100.0
     download: bool = False
-    val_per_class: int = 0
+    val_per_class: int | None = None  # held-out validation images per class; None: 20 for CIFAR-LT, else 0
     image_size: int | None = None  # None: the data set's native size (32 for CIFAR / synthetic, else 224)
     num_workers: int = 0
     pipeline: str = "auto"  # auto | pil | tensor: per-image PIL transforms, or batched on the device
@@ -113,6 +113,13 @@ class Config:
         if self.pretrain.beta is not None:
             return 1.0 / (1.0 + self.pretrain.beta)
         return self.pretrain.alpha
+
+    @property
+    def val_per_class(self) -> int:
+        """Validation images per class to hold out of the training images (SPEC section 9)."""
+        if self.data.val_per_class is not None:
+            return self.data.val_per_class
+        return 20 if self.data.name in ("cifar10-lt", "cifar100-lt") else 0
 
     @property
     def uses_pbsd(self) -> bool:
@@ -223,7 +230,7 @@ def validate(cfg: Config) -> Config:
         (cfg.pretrain.knn_every >= 0, "pretrain.knn_every", "must be >= 0"),
         (cfg.pretrain.knn_k >= 1, "pretrain.knn_k", "must be >= 1"),
         (cfg.data.imbalance_ratio is None or cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio", "must be >= 1"),
-        (cfg.data.val_per_class >= 0, "data.val_per_class", "must be >= 0"),
+        (cfg.data.val_per_class is None or cfg.data.val_per_class >= 0, "data.val_per_class", "must be >= 0"),
         (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (cfg.data.pipeline in ("auto", "pil", "tensor"), "data.pipeline", "must be auto, pil or tensor"),
         (cfg.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16"),

@@ -5,6 +5,7 @@ values written from the formulas here, and as the training loops really apply th
 import csv
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from dscl.engine.pretrain import build_stage1_model, stage1_losses, warmup_cosin
 from dscl.engine.rundir import RunDir
 from dscl.engine.runner import load_data
 from dscl.models import build_backbone
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # --------------------------------------------------------------------------- alpha per method
 
@@ -165,3 +168,25 @@ def test_linear_loop_steps_lr_down_at_milestones(tmp_path, tiny_overrides, monke
         rows = [r for r in csv.DictReader(fh) if r["stage"] == "linear"]
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.4, 0.4 * 0.1, 0.4 * 0.1 * 0.1], rel=1e-9)
+
+
+def test_cifar_lt_holds_out_20_validation_images_per_class_by_default():
+    # Bug caught: CIFAR-LT runs without a validation split, so stage 2 keeps its last epoch and
+    # nothing can be chosen without looking at test.
+    assert load_config(None, ["data.name=cifar10-lt"]).val_per_class == 20
+    assert load_config(None, ["data.name=cifar100-lt", "data.val_per_class=5"]).val_per_class == 5
+    assert load_config(None, ["data.name=imagenet-lt"]).val_per_class == 0
+
+
+@pytest.mark.parametrize("recipe", sorted(CONFIGS.glob("*cifar*.yaml")), ids=lambda p: p.name)
+def test_cifar_recipes_average_keys_over_at_most_a_few_epochs(recipe):
+    # Bug caught: the ImageNet EMA 0.999 at CIFAR size, where the key encoder then averages over
+    # ~20 epochs and the queue is filled by a nearly untrained network (SPEC section 9).
+    cfg = load_config(recipe)
+    train_images = {"cifar10-lt": {100: 12406, 50: 13996, 10: 20431},
+                    "cifar100-lt": {100: 10847, 50: 12608, 10: 19573}}[cfg.data.name][int(cfg.data.imbalance_ratio)]
+    steps_per_epoch = train_images // cfg.pretrain.batch_size
+    horizon_steps = 1 / (1 - cfg.pretrain.ema_momentum)
+    assert horizon_steps <= 3 * steps_per_epoch
+    assert cfg.pretrain.queue_size <= train_images - 20 * (10 if cfg.data.name == "cifar10-lt" else 100)
+    assert cfg.val_per_class > 0
