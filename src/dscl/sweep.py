@@ -201,7 +201,7 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def summarise(out: Path, combos: list[Combination], seeds: list[int], select: str | None = None) -> list[dict]:
@@ -247,12 +247,12 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def _cell(mean, std, digits: int = 1) -> str:
     if mean is None:
         return "-"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def format_summary(rows: list[dict], seeds: list[int], select: str | None = None) -> str:
     """Markdown table: mean ± std over seeds (top-1 %), validation accuracy, wall time."""
-    lines = [f"seeds {', '.join(map(str, seeds))}; mean ± std over the finished runs"
+    lines = [f"seeds {', '.join(map(str, seeds))}; mean ± std over the finished runs (a single run: its value)"
              + ("; * best validation accuracy" if select == "val" else ""), "",
              "| combination | runs | Many | Medium | Few | Overall | val | wall time (s) |",
              "|---|---|---|---|---|---|---|---|"]
