@@ -37,7 +37,6 @@ def reference_loss(query, key, labels, queue, queue_labels, alpha, tau):
 
 def beta_reference(query, key, labels, queue, queue_labels, beta, tau):
     """The authors' spelling: weight 1 on k_i, beta/|P_i| on each positive, normalised by the sum."""
-    alpha_equiv = None
     losses = []
     feats = torch.cat([query, key, queue])
     for i in range(query.shape[0]):

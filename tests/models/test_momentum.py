@@ -3,7 +3,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 from dscl.models import GroupedBatchNorm2d, MomentumContrast, build_backbone
 

@@ -26,8 +26,7 @@ from .loaders import EpochBatches, steps_per_epoch
 from .pretrain import autocast, prepare_model, stop_if_not_finite, to_device
 from .rundir import RunDir
 from .seeding import mix_seed
-from .tensor_data import use_tensor_pipeline
-from .views import eval_loader, linear_transform
+from .views import linear_transform, split_loader
 
 
 def backbone_from_stage1(cfg: Config, state: dict) -> nn.Module:
@@ -53,8 +52,7 @@ def assert_unchanged(module: nn.Module, snapshot: dict) -> None:
 
 def fit_standardizer(model: Classifier, cfg: Config, splits: DataSplits, rt: Runtime) -> None:
     """Set the classifier's feature standardisation from the un-augmented training features."""
-    loader = eval_loader(splits.train, splits.image_size, on_device=use_tensor_pipeline(cfg, splits.train),
-                         batch=cfg.eval_batch_size, device=rt.device, num_workers=cfg.data.num_workers)
+    loader = split_loader(cfg, splits.train, splits.image_size, rt.device)
     features, _ = extract_features(model.backbone, loader, device=rt.device, progress=rt.is_main,
                                    desc="feature statistics")
     model.norm.fit(features.to(rt.device))
@@ -98,8 +96,7 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
                            rt, batch=local_batch, seed=cfg.seed + 1)
     val = None
     if splits.val is not None:
-        val = eval_loader(splits.val, splits.image_size, on_device=use_tensor_pipeline(cfg, splits.val),
-                          batch=cfg.eval_batch_size, device=rt.device, num_workers=cfg.data.num_workers)
+        val = split_loader(cfg, splits.val, splits.image_size, rt.device)
     run.log(f"stage 2: class-balanced, {steps} steps/epoch, effective batch {local_batch * rt.world_size}, lr {lc.lr:g}, "
             + ("standardised features, " if lc.standardize else "raw features, ")
             + ("best epoch chosen on validation" if val is not None else "no validation split: last epoch kept"))

@@ -29,8 +29,7 @@ from .loaders import EpochBatches, shuffled_order, steps_per_epoch
 from .rundir import RunDir
 from .seeding import mix_seed, seed_everything
 from .evaluate import extract_features, knn_predict
-from .tensor_data import use_tensor_pipeline
-from .views import eval_loader, stage1_transform
+from .views import split_loader, stage1_transform
 
 
 def build_stage1_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -139,10 +138,7 @@ class KnnMonitor:
         if self.every and splits.val is None:
             run.log("k-NN health signal off: no validation split (set data.val_per_class)")
         elif self.every and rt.is_main:
-            make = lambda ds: eval_loader(ds, splits.image_size, on_device=use_tensor_pipeline(cfg, ds),  # noqa: E731
-                                          batch=cfg.eval_batch_size, device=rt.device,
-                                          num_workers=cfg.data.num_workers)
-            self.loaders = (make(splits.train), make(splits.val))
+            self.loaders = tuple(split_loader(cfg, ds, splits.image_size, rt.device) for ds in (splits.train, splits.val))
 
     def measure(self, model: nn.Module, epoch: int) -> dict:
         if self.loaders is None or (epoch % self.every and epoch != self.last):

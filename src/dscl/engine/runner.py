@@ -14,8 +14,7 @@ from .evaluate import accuracy_report, predict
 from .linear import backbone_from_stage1, selection_of, train_linear
 from .pretrain import build_stage1_model, pretrain
 from .rundir import RunDir
-from .tensor_data import use_tensor_pipeline
-from .views import eval_loader
+from .views import split_loader
 
 STAGES = ("pretrain", "linear", "evaluate")
 
@@ -68,15 +67,10 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
     if "evaluate" not in stages or not rt.is_main:
         return None
     t = time.perf_counter()
-    on_device = use_tensor_pipeline(cfg, splits.test)
-    loader = eval_loader(splits.test, splits.image_size, on_device=on_device, batch=cfg.eval_batch_size,
-                         device=rt.device, num_workers=cfg.data.num_workers)
-    preds, labels = predict(model, loader, device=rt.device)
+    preds, labels = predict(model, split_loader(cfg, splits.test, splits.image_size, rt.device), device=rt.device)
     val_top1 = None
     if splits.val is not None:  # the final model's validation accuracy, for choices across runs
-        val_preds, val_labels = predict(model, eval_loader(splits.val, splits.image_size,
-                                        on_device=use_tensor_pipeline(cfg, splits.val),
-                                        batch=cfg.eval_batch_size, device=rt.device, num_workers=cfg.data.num_workers),
+        val_preds, val_labels = predict(model, split_loader(cfg, splits.val, splits.image_size, rt.device),
                                         device=rt.device, desc="val")
         val_top1 = accuracy_report(val_preds, val_labels, splits.train_counts)["overall"]
     timings["evaluate_s"] = round(time.perf_counter() - t, 2)

@@ -10,7 +10,7 @@ from ..config import Config
 from ..data import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, TransformedDataset, ViewPatchTransform,
                     ce_train_transform, eval_transform, query_view_transform)
 from ..data import batched
-from .tensor_data import eval_batches
+from .tensor_data import eval_batches, use_tensor_pipeline
 
 
 def _small(size: int) -> bool:
@@ -44,6 +44,12 @@ def linear_transform(cfg: Config, size: int, on_device: bool = False):
     mean, std = normalisation(size)
     kind = batched.BatchedQueryView if on_device else query_view_transform
     return kind(size, scale=crop_scale(cfg, size), blur=not _small(size), mean=mean, std=std)
+
+
+def split_loader(cfg: Config, dataset: Dataset, size: int, device: torch.device):
+    """:func:`eval_loader` of a split with the run's settings (data path, batch, workers)."""
+    return eval_loader(dataset, size, on_device=use_tensor_pipeline(cfg, dataset), batch=cfg.eval_batch_size,
+                       device=device, num_workers=cfg.data.num_workers)
 
 
 def eval_loader(dataset: Dataset, size: int, *, on_device: bool, batch: int, device: torch.device,
