@@ -104,12 +104,11 @@ def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: lis
                     print(f"sweep: run failed, recorded in {path / 'error.txt'}: {exc}", flush=True)
                 finally:
                     teardown()
-    rows = summarise(out, combos, seeds, select)
-    return rows
+    return summarise(out, combos, seeds, select)
 
 
 class RunLock:
-    """``sweep.lock`` beside a run folder, holding the owner's pid: several sweep processes
+    """``seed<k>.lock`` beside a run folder, holding the owner's pid: several sweep processes
     (one per core, say) can share one --out, each taking the runs no live process holds."""
 
     def __init__(self, path: Path):
