@@ -42,6 +42,11 @@ def test_two_by_two_grid_two_seeds_then_a_second_call_runs_nothing(tmp_path, tin
     before = (out / "summary.csv").read_text()
     assert main(args) == 0
     assert (out / "summary.csv").read_text() == before
+    # a later grid under the same --out that changes only stage 2 reuses those stage-1 runs
+    monkeypatch.undo()
+    assert main(sweep_args(out, tiny_overrides, "method=scl", "linear.augment=false")) == 0
+    log = (out / "method-scl_linear.augment-false" / "seed0" / "log.txt").read_text()
+    assert "stage 1 reused from" in log and "stage=pretrain" not in log
 
 
 def test_a_failed_run_is_recorded_and_not_retried(tmp_path, tiny_overrides, monkeypatch):

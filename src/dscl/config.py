@@ -87,6 +87,9 @@ class LinearConfig:
     milestones: tuple[int, ...] = (20, 30)
     gamma: float = 0.1
     standardize: bool = True  # standardise the frozen features (statistics of the training set) before fc
+    # true: each step sees fresh training-time views of its images (SPEC section 5); false: the
+    # un-augmented features are extracted once and every epoch reuses them (seconds per epoch)
+    augment: bool = True
     steps_per_epoch: int | None = None
 
 

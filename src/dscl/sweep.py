@@ -93,7 +93,7 @@ def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: lis
                     continue
                 print(f"\n=== sweep run {n}/{len(todo)}: {combo.name}, seed {seed} -> {path}", flush=True)
                 _check_same(path, cfg.to_dict())
-                _reuse_stage1(path, cfg.to_dict(), [out / c.folder / f"seed{seed}" for c in combos])
+                _reuse_stage1(path, cfg.to_dict(), sorted(out.glob(f"*/seed{seed}")))
                 rt = setup(cfg.device)
                 try:
                     run(cfg, path, rt, resume=(path / "config.yaml").is_file())
@@ -146,9 +146,9 @@ def _alive(lock: Path) -> bool:
 
 
 def _reuse_stage1(path: Path, config: dict, candidates: list[Path]) -> None:
-    """A run that differs from a finished stage 1 of the sweep only in ``linear.*`` keys (and
-    the sweep's own folder) starts from a copy of that stage-1 checkpoint instead of training
-    it again; its log says where the copy came from."""
+    """A run that differs from a finished stage 1 under the same --out (of this grid or of an
+    earlier one) only in ``linear.*`` keys starts from a copy of that stage-1 checkpoint instead
+    of training it again; its log says where the copy came from."""
     if (path / "config.yaml").is_file():
         return
     mine = {k: v for k, v in _flat(config).items() if not k.startswith("linear.")}

@@ -9,12 +9,13 @@ from dscl.config import load_config
 from dscl.data import CIFAR_MEAN, CIFAR_STD
 from dscl.engine.checkpoint import load_checkpoint
 from dscl.engine.distributed import Runtime
+from dscl.engine.evaluate import predict
 from dscl.engine.linear import backbone_from_stage1, fit_standardizer, train_linear
 from dscl.engine.pretrain import build_stage1_model
 from dscl.engine.rundir import RunDir
 from dscl.engine.runner import load_data
 from dscl.engine.seeding import mix_seed, seed_everything
-from dscl.engine.views import linear_transform
+from dscl.engine.views import linear_transform, split_loader
 from dscl.errors import NumericalError
 from dscl.models import Classifier, build_backbone
 
@@ -94,13 +95,13 @@ def test_best_validation_epoch_is_kept_not_the_last(tmp_path, tiny_overrides, mo
     assert splits.val is not None
     scripted = iter([10.0, 50.0, 20.0])
     fc_at_val = []
-    real_predict = linear_module.predict
 
-    def recording_predict(model, *args, **kwargs):
-        fc_at_val.append({k: v.detach().clone() for k, v in model.fc.state_dict().items()})
-        return real_predict(model, *args, **kwargs)
+    class RecordingClassifier(Classifier):  # head() scores the validation features
+        def head(self, features):
+            fc_at_val.append({k: v.detach().clone() for k, v in self.fc.state_dict().items()})
+            return super().head(features)
 
-    monkeypatch.setattr(linear_module, "predict", recording_predict)
+    monkeypatch.setattr(linear_module, "Classifier", RecordingClassifier)
     monkeypatch.setattr(linear_module, "accuracy_report", lambda *args, **kwargs: {"overall": next(scripted)})
     model, selection = train_linear(cfg, splits, CPU, run, backbone, resume=False)
     assert selection == {"selected_on": "val", "best_epoch": 2, "best_val_top1": 50.0}
@@ -164,6 +165,47 @@ def test_standardiser_holds_mean_and_population_std_of_clean_training_features(t
     torch.testing.assert_close(model.norm.std, std, rtol=1e-4, atol=1e-6)
     unbiased = ((features - mean) ** 2).sum(0).div(n - 1).sqrt()
     assert (model.norm.std - unbiased).abs().max() > 10 * (model.norm.std - std).abs().max()
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_cached_stage2_feeds_standardised_clean_features(tmp_path, tiny_overrides, monkeypatch, augment):
+    # linear.augment=false: every fc input row is the standardised feature of a clean training
+    # image (and the labels are that image's); augment=true must not match (fresh views).
+    # bugs: raw features cached, the cache indexed with another order than the labels, views
+    # silently augmented or not
+    overrides = tiny_overrides + [f"linear.augment={str(augment).lower()}", "linear.epochs=2",
+                                  "linear.steps_per_epoch=3", "linear.milestones=[]"]
+    cfg, splits, run, backbone = setup_stage2(tmp_path, overrides)
+    reference = clean_training_features(copy.deepcopy(backbone), splits)
+    targets = torch.as_tensor(splits.train.targets)
+    seen = []
+
+    class RecordingClassifier(Classifier):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.fc.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+
+    labels = []
+    monkeypatch.setattr(linear_module, "F", recording_cross_entropy(labels))
+    monkeypatch.setattr(linear_module, "Classifier", RecordingClassifier)
+    model, _ = train_linear(cfg, splits, CPU, run, backbone, resume=False)
+    rows = torch.cat([x for x in seen if x.shape[0] == cfg.linear.batch_size])  # training batches, not validation
+    assert rows.shape[0] == 2 * 3 * cfg.linear.batch_size
+    distance, nearest = torch.cdist(rows, model.norm(reference), compute_mode="donot_use_mm_for_euclid_dist").min(1)
+    if augment:
+        assert (distance > 1e-2).float().mean() > 0.9
+    else:
+        assert distance.max() < 1e-3
+        assert torch.equal(targets[nearest], torch.cat(labels))
+
+
+def test_validation_score_of_the_kept_epoch_is_the_models_accuracy(tmp_path, tiny_overrides):
+    # the per-epoch validation score uses cached features; it must be what the whole model scores
+    overrides = tiny_overrides + ["linear.epochs=1", "linear.steps_per_epoch=2", "linear.augment=false"]
+    cfg, splits, run, backbone = setup_stage2(tmp_path, overrides)
+    model, selection = train_linear(cfg, splits, CPU, run, backbone, resume=False)
+    preds, truth = predict(model, split_loader(cfg, splits.val, splits.image_size, CPU.device), device=CPU.device)
+    assert selection["best_val_top1"] == pytest.approx(100.0 * float((preds == truth).double().mean()))
 
 
 def test_feature_constant_on_clean_images_does_not_blow_up_on_augmented_views(tiny_overrides):

@@ -21,7 +21,7 @@ from ..data import ClassBalancedSampler, DataSplits
 from ..errors import NumericalError
 from ..models import Classifier, build_backbone
 from .distributed import Runtime, all_reduce_sum
-from .evaluate import accuracy_report, extract_features, predict
+from .evaluate import accuracy_report, extract_features
 from .loaders import EpochBatches, steps_per_epoch
 from .pretrain import autocast, prepare_model, stop_if_not_finite, to_device
 from .rundir import RunDir
@@ -50,12 +50,20 @@ def assert_unchanged(module: nn.Module, snapshot: dict) -> None:
         raise RuntimeError(f"stage 2 changed frozen backbone tensors: {changed[:5]}")
 
 
-def fit_standardizer(model: Classifier, cfg: Config, splits: DataSplits, rt: Runtime) -> None:
-    """Set the classifier's feature standardisation from the un-augmented training features."""
-    loader = split_loader(cfg, splits.train, splits.image_size, rt.device)
-    features, _ = extract_features(model.backbone, loader, device=rt.device, progress=rt.is_main,
-                                   desc="feature statistics")
-    model.norm.fit(features.to(rt.device))
+def clean_features(backbone: nn.Module, cfg: Config, dataset, image_size: int, rt: Runtime,
+                   desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (on ``rt.device``) and labels of every un-augmented image of ``dataset``."""
+    loader = split_loader(cfg, dataset, image_size, rt.device)
+    features, labels = extract_features(backbone, loader, device=rt.device, progress=rt.is_main, desc=desc)
+    return features.to(rt.device), labels.to(rt.device)
+
+
+def fit_standardizer(model: Classifier, cfg: Config, splits: DataSplits, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set the classifier's feature standardisation from the un-augmented training features;
+    returns those features and their labels."""
+    features, labels = clean_features(model.backbone, cfg, splits.train, splits.image_size, rt, "feature statistics")
+    model.norm.fit(features)
+    return features, labels
 
 
 def selection_of(best: dict) -> dict:
@@ -77,7 +85,7 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
     model.fc.reset_parameters()
     optimizer = torch.optim.SGD(model.fc.parameters(), lr=lc.lr, momentum=lc.momentum, weight_decay=lc.weight_decay)
     start_epoch, start_step, best = 0, 0, {"epoch": 0, "val": None, "fc": model.fc.state_dict()}
-    start_loss = None
+    start_loss, train_cache = None, None
     if resume and run.checkpoint("linear_last").is_file():
         state = run.load(run.checkpoint("linear_last"))
         model.fc.load_state_dict(state["fc"])
@@ -86,19 +94,35 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         start_epoch, start_step, best, run.metrics = state["epoch"], state["step"], state["best"], state["metrics"]
         start_loss = state["start_loss"]
     elif lc.standardize:
-        fit_standardizer(model, cfg, splits, rt)
+        train_cache = fit_standardizer(model, cfg, splits, rt)
+    if not lc.augment and train_cache is None:
+        train_cache = clean_features(backbone, cfg, splits.train, splits.image_size, rt, "training features")
     fc = DistributedDataParallel(model.fc) if rt.distributed else model.fc
     local_batch = max(1, lc.batch_size // rt.world_size)
     steps = steps_per_epoch(len(splits.train), lc.batch_size, lc.steps_per_epoch)
     sampler = ClassBalancedSampler(splits.train.targets, num_samples=steps * local_batch * rt.world_size,
                                    seed=mix_seed(cfg.seed, 5) % 2**31, rank=rt.rank, world_size=rt.world_size)
-    batches = EpochBatches(cfg, splits.train, lambda on_device: linear_transform(cfg, splits.image_size, on_device),
-                           rt, batch=local_batch, seed=cfg.seed + 1)
-    val = None
+    if lc.augment:
+        batches = EpochBatches(cfg, splits.train, lambda on_device: linear_transform(cfg, splits.image_size, on_device),
+                               rt, batch=local_batch, seed=cfg.seed + 1)
+
+        def epoch_features(order, epoch, start_step):
+            for images, labels in batches.epoch(order, epoch, start_step):
+                with torch.no_grad(), autocast(cfg, rt.device):  # no yield inside: it would hold no_grad
+                    features = backbone(to_device(images, rt.device, cfg)).float()
+                yield features, labels.to(rt.device)
+    else:
+        def epoch_features(order, epoch, start_step):
+            order = torch.as_tensor(order, device=rt.device)
+            for step in range(start_step, steps):
+                index = order[step * local_batch : (step + 1) * local_batch]
+                yield train_cache[0][index], train_cache[1][index]
+    val = None  # the backbone is frozen: validation features are the same every epoch
     if splits.val is not None:
-        val = split_loader(cfg, splits.val, splits.image_size, rt.device)
+        val = clean_features(backbone, cfg, splits.val, splits.image_size, rt, "validation features")
     run.log(f"stage 2: class-balanced, {steps} steps/epoch, effective batch {local_batch * rt.world_size}, lr {lc.lr:g}, "
-            + ("standardised features, " if lc.standardize else "raw features, ")
+            + ("standardised " if lc.standardize else "raw ")
+            + ("features of fresh augmented views, " if lc.augment else "features of the un-augmented images (extracted once), ")
             + ("best epoch chosen on validation" if val is not None else "no validation split: last epoch kept"))
 
     def save_last(epoch: int, step: int) -> None:
@@ -111,14 +135,13 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         for group in optimizer.param_groups:
             group["lr"] = lr
         sampler.set_epoch(epoch)
-        loader = batches.epoch(list(sampler), epoch, start_step)
         total, seen, tic = 0.0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"linear {epoch + 1}/{lc.epochs}", initial=start_step, total=steps,
-                   disable=not rt.is_main, leave=False)
-        for step, (images, labels) in enumerate(bar, start=start_step):
-            with torch.no_grad(), autocast(cfg, rt.device):
-                features = model.norm(backbone(to_device(images, rt.device, cfg)).float())
-            loss = F.cross_entropy(fc(features), labels.to(rt.device))
+        bar = tqdm(epoch_features(list(sampler), epoch, start_step), desc=f"linear {epoch + 1}/{lc.epochs}",
+                   initial=start_step, total=steps, disable=not rt.is_main, leave=False)
+        for step, (features, labels) in enumerate(bar, start=start_step):
+            with torch.no_grad():
+                features = model.norm(features)
+            loss = F.cross_entropy(fc(features), labels)
             stop_if_not_finite(loss, f"stage 2, epoch {epoch + 1}, step {step + 1}", f"lower linear.lr (now {lc.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -134,8 +157,9 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
                "loss": round(total / max(seen, 1), 5)}
         check_divergence(row["loss"], start_loss, epoch, lc.lr)
         if val is not None:
-            preds, truth = predict(model, val, device=rt.device, progress=rt.is_main, desc="val")
-            row["val_top1"] = round(accuracy_report(preds, truth, splits.train_counts)["overall"], 4)
+            with torch.no_grad():
+                preds = model.head(val[0]).argmax(1)
+            row["val_top1"] = round(accuracy_report(preds.cpu(), val[1].cpu(), splits.train_counts)["overall"], 4)
             if best["val"] is None or row["val_top1"] > best["val"]:
                 best = {"epoch": epoch + 1, "val": row["val_top1"], "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
         else:
