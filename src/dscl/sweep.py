@@ -27,7 +27,7 @@ from .engine.checkpoint import atomic_write_bytes, atomic_write_text
 from .engine.rundir import RunDir
 from .errors import ConfigError, DSCLError
 
-METRICS = ("overall", "many", "medium", "few", "val_top1", "wall_time_s")
+METRICS = ("overall", "many", "medium", "few", "val_top1", "train_s")
 
 
 @dataclass
@@ -250,15 +250,16 @@ def _cell(mean, std, digits: int = 1) -> str:
 
 
 def format_summary(rows: list[dict], seeds: list[int], select: str | None = None) -> str:
-    """Markdown table: mean ± std over seeds (top-1 %), validation accuracy, wall time."""
+    """Markdown table: mean ± std over seeds (top-1 %), validation accuracy, and the training
+    time (the epochs of both stages, summed over whichever processes ran them)."""
     lines = [f"seeds {', '.join(map(str, seeds))}; mean ± std over the finished runs (a single run: its value)"
              + ("; * best validation accuracy" if select == "val" else ""), "",
-             "| combination | runs | Many | Medium | Few | Overall | val | wall time (s) |",
+             "| combination | runs | Many | Medium | Few | Overall | val | training time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " *" if r.get("selected") else ""
         runs = f"{r['runs']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
-        time_s = "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.0f}"
+        time_s = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
         lines.append(f"| {r['combination']}{mark} | {runs} | " + " | ".join(
             _cell(r[m], r[f"{m}_std"]) for m in ("many", "medium", "few", "overall", "val_top1")) + f" | {time_s} |")
     return "\n".join(lines)

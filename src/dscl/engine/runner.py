@@ -80,7 +80,9 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
                "per_class": report["per_class"],
                "train_counts": splits.train_counts, "classes": splits.classes, "test_images": len(labels),
                "bad_images_skipped": len(splits.bad_files), "stage2": selection or None, "seconds": timings,
-               "wall_time_s": round(time.perf_counter() - tic, 2)}
+               "wall_time_s": round(time.perf_counter() - tic, 2),
+               # every epoch of both stages, whichever process (a resume, a reused stage 1) ran it
+               "train_s": round(sum(row.get("seconds", 0.0) for row in run_dir.metrics), 1)}
     run_dir.write_results(results)
     run_dir.log(f"test top-1 {results['overall']:.2f}% (many {_fmt(results['many'])}, medium "
                 f"{_fmt(results['medium'])}, few {_fmt(results['few'])}) -> {run_dir.path / 'results.json'}")
