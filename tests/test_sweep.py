@@ -95,3 +95,31 @@ def test_a_run_held_by_a_live_process_is_left_alone(tmp_path, tiny_overrides, mo
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_table1_layout_every_variant_and_a_curve_end_to_end(tmp_path, tiny_overrides):
+    out = tmp_path / "ablations"
+    sets = [x for o in tiny_overrides + ["pretrain.knn_every=0", "linear.augment=false"] for x in ("--set", o)]
+    common = ["sweep", *sets, "--seeds", "0", "--out", str(out)]
+    assert main(common + ["--layout", "table1"]) == 0
+    rows = list(csv.DictReader((out / "table1.csv").open()))
+    assert [r["combination"] for r in rows] == ["SCL (baseline)", "DSCL", "SCL + PBSD", "DSCL + PBSD* (global-view teacher)",
+                                                "DSCL + PBSD† (multi-crop instead)", "DSCL + PBSD"]
+    assert all(r["runs"] == "1" and r["failed"] == "0" for r in rows)
+    assert [float(r["paper_overall"]) for r in rows] == [51.2, 52.6, 56.3, 56.2, 56.1, 57.7]
+    header = (out / "method-dscl-pbsd_pretrain.patch_mode-multicrop" / "seed0" / "metrics.csv").read_text().splitlines()[0]
+    assert "multicrop" in header.split(",") and "pbsd" not in header.split(",")
+    table = (out / "table1.md").read_text()
+    (out / "table1.md").unlink()
+    assert main(common + ["--layout", "table1", "--summary-only"]) == 0  # rebuilt from the run folders alone
+    assert (out / "table1.md").read_text() == table
+    # the remaining variants together, and a one-key grid that draws a curve
+    assert main(common + ["--set", "method=dscl+pbsd", "--grid", "pretrain.queue_sampling=balanced",
+                          "--grid", "pretrain.reweight=effective_number", "--grid", "pretrain.patch_scale=[1.0,1.0]",
+                          "--grid", "data.profile=pareto"]) == 0
+    assert list(csv.DictReader((out / "summary.csv").open()))[0]["failed"] == "0"
+    assert main(common + ["--set", "method=dscl", "--grid", "pretrain.alpha=0,1"]) == 0
+    curve = list(csv.DictReader((out / "curve.csv").open()))
+    assert [float(r["pretrain.alpha"]) for r in curve] == [0.0, 1.0] and all(r["overall"] for r in curve)
+    with Image.open(out / "curve.png") as image:
+        assert image.format == "PNG"

@@ -33,10 +33,12 @@ METRICS = ("overall", "many", "medium", "few", "val_top1", "train_s")
 @dataclass
 class Combination:
     settings: tuple[str, ...]  # ("key=value", ...), in grid order
+    label: str | None = None  # a layout's row name; None: the settings are the name
+    paper: float | None = None  # the paper's overall top-1 for a layout row, where it gives one
 
     @property
     def name(self) -> str:
-        return ",".join(self.settings) or "base"
+        return self.label or ",".join(self.settings) or "base"
 
     @property
     def folder(self) -> str:
@@ -68,17 +70,52 @@ def parse_grid(grid: list[str]) -> list[tuple[str, list[str]]]:
     return axes
 
 
-def combinations(axes: list[tuple[str, list[str]]]) -> list[Combination]:
-    return [Combination(tuple(f"{k}={v}" for k, v in zip([k for k, _ in axes], values)))
+def combinations(axes: list[tuple[str, list[str]]], layout: str | None = None) -> list[Combination]:
+    """The grid's combinations; with a layout, each of its rows crossed with them."""
+    grid = [tuple(f"{k}={v}" for k, v in zip([k for k, _ in axes], values))
             for values in itertools.product(*[v for _, v in axes])]
+    if layout is None:
+        return [Combination(settings) for settings in grid]
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout {layout!r}: unknown; known: {', '.join(LAYOUTS)}")
+    return [Combination(row + settings, label + (f" ({','.join(settings)})" if settings else ""), paper)
+            for settings in grid for label, row, paper in LAYOUTS[layout]]
+
+
+# The paper's tables as rows of settings over a recipe (its method key is overridden per row),
+# with the overall top-1 the paper reports (ImageNet-LT, ResNet-50).
+LAYOUTS = {
+    "table1": [  # paper Table 1: components
+        ("SCL (baseline)", ("method=scl",), 51.2),
+        ("DSCL", ("method=dscl",), 52.6),
+        ("SCL + PBSD", ("method=scl+pbsd",), 56.3),
+        ("DSCL + PBSD* (global-view teacher)", ("method=dscl+pbsd", "pretrain.pbsd_teacher=global"), 56.2),
+        ("DSCL + PBSD† (multi-crop instead)", ("method=dscl+pbsd", "pretrain.patch_mode=multicrop"), 56.1),
+        ("DSCL + PBSD", ("method=dscl+pbsd",), 57.7),
+    ],
+    "table3s": [  # supplement Table 3: a balanced queue and re-weighting, on the full method
+        ("DSCL + PBSD", ("method=dscl+pbsd",), None),
+        ("+ class-balanced queue", ("method=dscl+pbsd", "pretrain.queue_sampling=balanced"), None),
+        ("+ effective-number re-weighting", ("method=dscl+pbsd", "pretrain.reweight=effective_number"), None),
+    ],
+}
+
+# Points of the paper's Fig. 5 that its text states (ImageNet-LT overall top-1), by config key.
+PAPER_CURVES = {
+    "pretrain.alpha": {0.0: 56.8, 0.1: 57.7, 1.0: 39.8},
+    "pretrain.num_patches": {1: 55.0, 5: 57.7},
+    "pretrain.pbsd_weight": {1.5: 57.7},
+}
 
 
 def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: list[int], out: Path, *,
-          select: str | None = None, summary_only: bool = False) -> list[dict]:
-    """Run every combination x seed (unless ``summary_only``) and write the summaries."""
+          select: str | None = None, summary_only: bool = False, layout: str | None = None) -> list[dict]:
+    """Run every combination x seed (unless ``summary_only``) and write the summaries; with
+    ``layout`` (a key of :data:`LAYOUTS`) the combinations are that table's rows."""
     from .engine import run, setup, teardown
 
-    combos = combinations(parse_grid(grid))
+    axes = parse_grid(grid)
+    combos = combinations(axes, layout)
     configs = {}
     for combo in combos:  # refuse a bad grid value before anything trains
         for seed in seeds:
@@ -104,7 +141,10 @@ def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: lis
                     print(f"sweep: run failed, recorded in {path / 'error.txt'}: {exc}", flush=True)
                 finally:
                     teardown()
-    return summarise(out, combos, seeds, select)
+    rows = summarise(out, combos, seeds, select, layout)
+    if layout is None and len(axes) == 1 and len(axes[0][1]) > 1:
+        _write_curve(out, axes[0][0], axes[0][1], rows)
+    return rows
 
 
 class RunLock:
@@ -203,8 +243,10 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def summarise(out: Path, combos: list[Combination], seeds: list[int], select: str | None = None) -> list[dict]:
-    """summary.csv, summary.md and per_class.png from the run folders under ``out``."""
+def summarise(out: Path, combos: list[Combination], seeds: list[int], select: str | None = None,
+              layout: str | None = None) -> list[dict]:
+    """summary.csv, summary.md and per_class.png (with a layout: ``<layout>.md`` / ``.csv``)
+    from the run folders under ``out``."""
     rows, curves = [], []
     for combo in combos:
         results, failed = [], []
@@ -215,6 +257,8 @@ def summarise(out: Path, combos: list[Combination], seeds: list[int], select: st
             elif (path / "error.txt").is_file():
                 failed.append(f"seed {seed}: {(path / 'error.txt').read_text().strip()}")
         row = {"combination": combo.name, "runs": len(results), "failed": len(failed)}
+        if layout is not None:
+            row["paper_overall"] = combo.paper
         for metric in METRICS:
             row[metric], row[f"{metric}_std"] = mean_std([r.get(metric) for r in results])
         rows.append(row)
@@ -227,10 +271,11 @@ def summarise(out: Path, combos: list[Combination], seeds: list[int], select: st
         for r in rows:
             r["selected"] = r is best
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "summary.csv", rows)
-    atomic_write_text(out / "summary.md", format_summary(rows, seeds, select) + "\n")
+    stem = layout or "summary"
+    _write_csv(out / f"{stem}.csv", rows)
+    atomic_write_text(out / f"{stem}.md", format_summary(rows, seeds, select) + "\n")
     if curves:
-        plot_per_class(out / "per_class.png", curves)
+        plot_per_class(out / f"{'per_class' if layout is None else layout + '_per_class'}.png", curves)
     print("\n" + format_summary(rows, seeds, select), flush=True)
     return rows
 
@@ -252,17 +297,56 @@ def _cell(mean, std, digits: int = 1) -> str:
 def format_summary(rows: list[dict], seeds: list[int], select: str | None = None) -> str:
     """Markdown table: mean ± std over seeds (top-1 %), validation accuracy, and the training
     time (the epochs of both stages, summed over whichever processes ran them)."""
+    paper = any("paper_overall" in r for r in rows)
     lines = [f"seeds {', '.join(map(str, seeds))}; mean ± std over the finished runs (a single run: its value)"
-             + ("; * best validation accuracy" if select == "val" else ""), "",
-             "| combination | runs | Many | Medium | Few | Overall | val | training time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             + ("; * best validation accuracy" if select == "val" else "")
+             + ("; paper: overall top-1 the paper reports on ImageNet-LT (ResNet-50)" if paper else ""), "",
+             "| combination | runs | Many | Medium | Few | Overall | val | training time (s) |" + (" paper |" if paper else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if paper else "")]
     for r in rows:
         mark = " *" if r.get("selected") else ""
         runs = f"{r['runs']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
         time_s = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
         lines.append(f"| {r['combination']}{mark} | {runs} | " + " | ".join(
-            _cell(r[m], r[f"{m}_std"]) for m in ("many", "medium", "few", "overall", "val_top1")) + f" | {time_s} |")
+            _cell(r[m], r[f"{m}_std"]) for m in ("many", "medium", "few", "overall", "val_top1")) + f" | {time_s} |"
+            + (f" {_cell(r.get('paper_overall'), None)} |" if paper else ""))
     return "\n".join(lines)
+
+
+def _write_curve(out: Path, key: str, values: list[str], rows: list[dict]) -> None:
+    """curve.csv and curve.png: each metric (mean over seeds) against the grid's one numeric
+    key, with the points of the paper's Fig. 5 where it states them. Skipped for a key whose
+    values are not numbers."""
+    try:
+        xs = [float(v) for v in values]
+    except ValueError:
+        return
+    columns = ("overall", "many", "medium", "few")
+    _write_csv(out / "curve.csv", [{key: x, **{c: r[c] for c in columns}, **{f"{c}_std": r[f"{c}_std"] for c in columns}}
+                                   for x, r in zip(xs, rows)])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in columns:
+        points = [(x, r[c]) for x, r in zip(xs, rows) if r[c] is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=c if c != "overall" else "overall (ours)",
+                    linewidth=2.5 if c == "overall" else 1)
+    paper = PAPER_CURVES.get(key)
+    if paper:
+        ax.plot(list(paper), list(paper.values()), "k*", markersize=10, label="paper, ImageNet-LT overall")
+    ax.set_xlabel(key)
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(out / "curve.png", lambda fh: fh.write(buffer.getvalue()))
 
 
 def plot_per_class(path: Path, curves: list[tuple[str, list[int], list[float]]]) -> None:

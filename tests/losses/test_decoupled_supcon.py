@@ -4,11 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dscl.losses import DecoupledSupConLoss, alpha_from_beta, decoupled_supcon_loss
+from dscl.losses import DecoupledSupConLoss, alpha_from_beta, decoupled_supcon_loss, effective_number_weights
+from dscl.losses.dense import dense_decoupled_supcon_loss
 
 
-def reference_loss(query, key, labels, queue, queue_labels, alpha, tau):
-    """One anchor at a time, candidates listed explicitly, formula as written in the paper."""
+def reference_loss(query, key, labels, queue, queue_labels, alpha, tau, anchor_weight=None):
+    """One anchor at a time, candidates listed explicitly, formula as written in the paper;
+    ``anchor_weight`` (per anchor) scales each anchor's term before the mean."""
     batch = query.shape[0]
     losses = []
     for i in range(batch):
@@ -32,6 +34,8 @@ def reference_loss(query, key, labels, queue, queue_labels, alpha, tau):
             losses.append(-weight * (log_p[own] + sum(log_p[n] for n in positives)))
         else:
             losses.append(-(alpha * log_p[own] + (1 - alpha) / len(positives) * sum(log_p[n] for n in positives)))
+        if anchor_weight is not None:
+            losses[-1] = anchor_weight[i] * losses[-1]
     return torch.stack(losses).mean()
 
 
@@ -79,6 +83,31 @@ def test_matches_reference(alpha, tau, shape):
     expected = reference_loss(*inputs, alpha=alpha, tau=tau)
     actual = decoupled_supcon_loss(*inputs, alpha=alpha, temperature=tau)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.1, None])
+def test_per_anchor_weights_match_reference(alpha):
+    inputs = random_inputs(batch=8, classes=3, seed=11)
+    counts = torch.tensor([500, 40, 5])
+    weight = effective_number_weights(counts)[inputs[2]]
+    expected = reference_loss(*inputs, alpha=alpha, tau=0.1, anchor_weight=weight)
+    torch.testing.assert_close(decoupled_supcon_loss(*inputs, alpha=alpha, temperature=0.1, weight=weight), expected)
+    torch.testing.assert_close(dense_decoupled_supcon_loss(*inputs, alpha=alpha, temperature=0.1, weight=weight), expected)
+    assert not torch.allclose(expected, reference_loss(*inputs, alpha=alpha, tau=0.1))  # the weights matter
+
+
+def test_effective_number_weights_from_the_formula():
+    # Cui et al. 2019: w_c proportional to (1 - beta) / (1 - beta^n_c), summing to C
+    counts = [5000, 500, 50, 5]
+    beta = 0.9999
+    raw = [(1 - beta) / (1 - beta**n) for n in counts]
+    expected = torch.tensor([w * len(counts) / sum(raw) for w in raw])
+    actual = effective_number_weights(torch.tensor(counts), beta)
+    torch.testing.assert_close(actual, expected.float())
+    assert actual[3] > actual[2] > actual[1] > actual[0]
+    torch.testing.assert_close(effective_number_weights(torch.tensor([7, 7, 7]), beta), torch.ones(3))
+    with pytest.raises(ValueError, match="beta"):
+        effective_number_weights(torch.tensor(counts), 1.0)
 
 
 def test_gradients_match_reference():

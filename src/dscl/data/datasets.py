@@ -66,19 +66,19 @@ class DataSplits:
         return np.bincount(self.train.targets, minlength=self.num_classes).tolist()
 
 
-def _synthetic(ratio: float, seed: int, options: dict | None) -> DataSplits:
+def _synthetic(ratio: float, seed: int, options: dict | None, profile: str) -> DataSplits:
     options = dict(options or {})
     unknown = sorted(set(options) - set(_SYNTHETIC_KEYS))
     if unknown:
         raise DataError(f"synthetic: unknown option(s) {unknown}; known: {list(_SYNTHETIC_KEYS)}")
-    splits = {s: SyntheticLongTailed(s, imbalance_ratio=ratio, seed=seed, **options)
+    splits = {s: SyntheticLongTailed(s, imbalance_ratio=ratio, seed=seed, profile=profile, **options)
               for s in ("train", "val", "test")}
     train = splits["train"]
     return DataSplits(train, splits["val"], splits["test"], len(train.classes), train.classes,
                       train.data.shape[1])
 
 
-def _cifar(name: str, root: str, ratio: float, val_per_class: int, download: bool) -> DataSplits:
+def _cifar(name: str, root: str, ratio: float, val_per_class: int, download: bool, profile: str) -> DataSplits:
     from torchvision import datasets as tv_datasets  # looked up here: tests substitute it
 
     cls = tv_datasets.CIFAR10 if name == "cifar10-lt" else tv_datasets.CIFAR100
@@ -92,7 +92,7 @@ def _cifar(name: str, root: str, ratio: float, val_per_class: int, download: boo
     classes = list(full.classes)
     train_all = ArrayDataset(np.asarray(full.data), full.targets, classes)
     sizes = np.bincount(train_all.targets, minlength=len(classes))
-    counts = longtail_counts(int(sizes.max()), len(classes), ratio)
+    counts = longtail_counts(int(sizes.max()), len(classes), ratio, profile)
     kept = longtail_indices(train_all.targets, counts, seed=0)  # the LDAM-DRW images
     val = None
     if val_per_class > 0:
@@ -113,14 +113,14 @@ def _native_size(path: str) -> int:
     return w if w == h and w <= 64 else 224
 
 
-def _imagefolder(root: str, ratio: float | None, val_per_class: int) -> DataSplits:
+def _imagefolder(root: str, ratio: float | None, val_per_class: int, profile: str) -> DataSplits:
     listing, classes = read_image_folder(root)
     sets = {s: ImageListDataset(*listing[s], classes) for s in listing}
     train = sets["train"]
     kept = list(range(len(train)))
     if ratio is not None:
         sizes = np.bincount(train.targets, minlength=len(classes))
-        counts = longtail_counts(int(sizes.max()), len(classes), ratio)
+        counts = longtail_counts(int(sizes.max()), len(classes), ratio, profile)
         kept = longtail_indices(train.targets, counts, seed=0)
     val = sets.get("val")
     if val is None and val_per_class > 0:
@@ -240,6 +240,7 @@ def build_splits(
     seed: int = 0,
     skip_bad_images: bool = False,
     synthetic_options: dict | None = None,
+    profile: str = "exponential",
 ) -> DataSplits:
     """Read data set ``name`` (one of :data:`DATASET_NAMES`) and return its checked splits.
 
@@ -260,7 +261,9 @@ def build_splits(
     - ``inat2018``: COCO-style ``train2018.json`` and ``val2018.json`` under root (val is the
       test split; classes from the train file's ``categories``).
 
-    ``val_per_class`` is ignored where the data set has its own validation split. Every image
+    ``profile`` (``exponential`` or ``pareto``, see :func:`longtail_counts`) shapes the
+    subsampled training split of the first three. ``val_per_class`` is ignored where the data
+    set has its own validation split. Every image
     file is checked to exist; with ``skip_bad_images`` every image is also decoded once and the
     unreadable ones are dropped and listed in ``bad_files`` (otherwise loading one raises).
     """
@@ -275,11 +278,11 @@ def build_splits(
                                if name.startswith("cifar") else ""))
     ratio = _DEFAULT_RATIO if imbalance_ratio is None else float(imbalance_ratio)
     if name == "synthetic":
-        return _check(_synthetic(ratio, seed, synthetic_options), name)
+        return _check(_synthetic(ratio, seed, synthetic_options, profile), name)
     if name in ("cifar10-lt", "cifar100-lt"):
-        return _check(_cifar(name, root, ratio, val_per_class, download), name)
+        return _check(_cifar(name, root, ratio, val_per_class, download, profile), name)
     if name == "imagefolder":
-        splits = _imagefolder(root, imbalance_ratio, val_per_class)
+        splits = _imagefolder(root, imbalance_ratio, val_per_class, profile)
         where = {s: os.path.join(root, s) for s in ("train", "val", "test")}
         if not os.path.isdir(where["val"]):
             where["val"] = where["train"]  # held out from the training images

@@ -1,7 +1,9 @@
 """Long-tailed subsets of balanced data sets, and the Many / Medium / Few class groups.
 
 The construction is the one every CIFAR-LT number in the literature uses (LDAM-DRW, Cao et al.
-2019): class ``c`` of ``C`` keeps ``n_c = int(n_max * (1/rho) ** (c / (C - 1)))`` images, chosen
+2019): class ``c`` of ``C`` keeps ``n_c = int(n_max * (1/rho) ** (c / (C - 1)))`` images (the
+exponential profile; the Pareto profile of the paper's supplement keeps
+``n_c = int(n_max * (c + 1) ** -(log rho / log C))``, a power law with the same head and tail), chosen
 by seeding numpy's legacy generator, then, class by class in label order, shuffling that class's
 indices (in file order) and keeping the first ``n_c``. Reproducing the random stream exactly is
 what makes "CIFAR-10-LT at rho=100" the same 12,406 images here as in published work.
@@ -9,6 +11,7 @@ what makes "CIFAR-10-LT at rho=100" the same 12,406 images here as in published 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,11 +21,19 @@ MANY_SHOT_MIN = 101  # "many": more than 100
 FEW_SHOT_MAX = 19  # "few": fewer than 20
 
 
-def longtail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> list[int]:
-    """Images kept per class under the exponential profile, head (class 0) first.
+PROFILES = ("exponential", "pareto")
+
+
+def longtail_counts(n_max: int, num_classes: int, imbalance_ratio: float, profile: str = "exponential") -> list[int]:
+    """Images kept per class, head (class 0) first.
 
     ``imbalance_ratio`` (rho) is ``n_max / n_min``; rho = 1 keeps ``n_max`` for every class.
+    ``exponential``: ``n_max * rho ** (-c / (C - 1))`` (LDAM-DRW). ``pareto``: the sorted class
+    sizes of a Pareto (power-law) distribution, ``n_max * (c + 1) ** (-log rho / log C)``: a
+    steeper drop after the head and a longer flat tail than the exponential profile.
     """
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     if n_max < 1:
         raise ValueError(f"n_max must be >= 1, got {n_max}")
     if num_classes < 1:
@@ -31,6 +42,9 @@ def longtail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> lis
         raise ValueError(f"imbalance_ratio must be >= 1, got {imbalance_ratio}")
     if num_classes == 1:
         return [int(n_max)]
+    if profile == "pareto":
+        exponent = math.log(imbalance_ratio) / math.log(num_classes)
+        return [int(n_max * (c + 1.0) ** -exponent + 1e-9) for c in range(num_classes)]
     factor = 1.0 / imbalance_ratio
     return [int(n_max * factor ** (c / (num_classes - 1.0))) for c in range(num_classes)]
 

@@ -151,7 +151,7 @@ def _generate(bank, layout, n: int, size: int, rng: np.random.Generator) -> np.n
 class SyntheticLongTailed:
     """Generated long-tailed data: ``(PIL RGB image, label)`` items, images in ``data``.
 
-    ``train`` follows ``longtail_counts(n_max, num_classes, imbalance_ratio)``; ``val`` has
+    ``train`` follows ``longtail_counts(n_max, num_classes, imbalance_ratio, profile)``; ``val`` has
     ``n_per_class_eval // 2`` and ``test`` ``n_per_class_eval`` images per class. Items are
     ordered class by class. The default (10 classes, 500 to 5 training images) is about 2,700
     32-px images in all, generated in a second or two.
@@ -166,6 +166,7 @@ class SyntheticLongTailed:
         n_per_class_eval: int = 100,
         image_size: int = 32,
         seed: int = 0,
+        profile: str = "exponential",
     ) -> None:
         if split not in SPLITS:
             raise DataError(f"synthetic: unknown split {split!r}; known: {', '.join(SPLITS)}")
@@ -179,7 +180,7 @@ class SyntheticLongTailed:
         if not imbalance_ratio >= 1:
             raise DataError(f"synthetic: imbalance_ratio must be >= 1, got {imbalance_ratio}")
         if split == "train":
-            counts = longtail_counts(n_max, num_classes, imbalance_ratio)
+            counts = longtail_counts(n_max, num_classes, imbalance_ratio, profile)
         else:
             per_class = n_per_class_eval // 2 if split == "val" else n_per_class_eval
             counts = [per_class] * num_classes

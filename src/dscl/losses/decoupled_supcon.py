@@ -21,6 +21,18 @@ import torch
 from torch import Tensor, nn
 
 
+def effective_number_weights(counts: Tensor, beta: float = 0.9999) -> Tensor:
+    """Class-balanced weights of Cui et al. (2019): ``w_c = (1 - beta) / (1 - beta ** n_c)``,
+    scaled so that they sum to the number of classes. counts: (C,) training images per class."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must lie in [0, 1), got {beta}")
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    if bool((counts < 1).any()):
+        raise ValueError("every class needs at least one training image")
+    weights = (1.0 - beta) / (1.0 - beta**counts)
+    return (weights * len(counts) / weights.sum()).float()
+
+
 def alpha_from_beta(beta: float) -> float:
     """The authors' parameterisation: weight 1 on ``k_i`` and ``beta / |P_i|`` on each member
     of ``P_i``, normalised by their sum, is DSCL with ``alpha = 1 / (1 + beta)``."""
@@ -52,8 +64,10 @@ def decoupled_supcon_loss(
     queue_labels: Tensor,
     alpha: float | None = 0.1,
     temperature: float = 0.07,
+    weight: Tensor | None = None,
 ) -> Tensor:
-    """Mean DSCL loss over the B anchors of a batch (SCL when ``alpha`` is None).
+    """Mean DSCL loss over the B anchors of a batch (SCL when ``alpha`` is None); with
+    ``weight`` (B,), the mean of ``weight[i] * loss_i`` (per-anchor re-weighting).
 
     query: (B, D) L2-normalised anchors ``z``, carry gradient (also as candidates).
     key: (B, D) L2-normalised keys ``k``.
@@ -91,7 +105,7 @@ def decoupled_supcon_loss(
     else:
         decoupled = -(alpha * log_p_key + (1.0 - alpha) * sum_log_p_positive / safe_count)
         loss = torch.where(has_positive, decoupled, -log_p_key)
-    return loss.mean()
+    return loss.mean() if weight is None else (weight.to(loss.dtype) * loss).mean()
 
 
 def _log_p_key(scaled: Tensor, query: Tensor, key: Tensor, queue: Tensor) -> tuple[Tensor, Tensor]:
@@ -133,8 +147,9 @@ class DecoupledSupConLoss(nn.Module):
         self.alpha = alpha
         self.temperature = temperature
 
-    def forward(self, query: Tensor, key: Tensor, labels: Tensor, queue: Tensor, queue_labels: Tensor) -> Tensor:
-        return decoupled_supcon_loss(query, key, labels, queue, queue_labels, self.alpha, self.temperature)
+    def forward(self, query: Tensor, key: Tensor, labels: Tensor, queue: Tensor, queue_labels: Tensor,
+                weight: Tensor | None = None) -> Tensor:
+        return decoupled_supcon_loss(query, key, labels, queue, queue_labels, self.alpha, self.temperature, weight)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, temperature={self.temperature}"

@@ -15,7 +15,8 @@ from .decoupled_supcon import valid_queue
 
 
 def dense_decoupled_supcon_loss(query: Tensor, key: Tensor, labels: Tensor, queue: Tensor, queue_labels: Tensor,
-                                alpha: float | None = 0.1, temperature: float = 0.07) -> Tensor:
+                                alpha: float | None = 0.1, temperature: float = 0.07,
+                                weight: Tensor | None = None) -> Tensor:
     batch = query.shape[0]
     queue, queue_labels = valid_queue(queue, queue_labels)
     candidates = torch.cat([query, key, queue])  # (2B + K, D)
@@ -34,7 +35,7 @@ def dense_decoupled_supcon_loss(query: Tensor, key: Tensor, labels: Tensor, queu
         loss = -(log_p_key + sum_pos) / (num_pos + 1)
     else:
         loss = torch.where(num_pos > 0, -(alpha * log_p_key + (1 - alpha) * sum_pos / num_pos.clamp(min=1)), -log_p_key)
-    return loss.mean()
+    return loss.mean() if weight is None else (weight * loss).mean()
 
 
 def dense_patch_distillation_loss(teacher: Tensor, student: Tensor, key: Tensor, queue: Tensor, queue_labels: Tensor,

@@ -24,7 +24,7 @@ from torchvision.ops import roi_align
 
 from .backbones import Backbone
 from .heads import ProjectionHead
-from .queue import LabelledQueue
+from .queue import ClassBalancedQueue, LabelledQueue
 
 
 class GroupedBatchNorm2d(nn.BatchNorm2d):
@@ -64,7 +64,7 @@ def _group_batchnorms(module: nn.Module, groups: int) -> None:
 class ContrastOutput:
     query: Tensor  # (B, D)
     key: Tensor  # (B, D)
-    teacher: Tensor | None  # (B, L, D)
+    teacher: Tensor | None  # (B, L, D); None without patches or without a teacher
     student: Tensor | None  # (B, L, D)
 
 
@@ -72,7 +72,8 @@ class MomentumContrast(nn.Module):
     """Query encoder ``f, g``, momentum key encoder ``f_k, g_k`` and the labelled queue."""
 
     def __init__(self, backbone: Backbone, *, feature_dim: int = 128, queue_size: int = 65536,
-                 momentum: float = 0.999, key_bn_groups: int = 8, patch_bn_stats: bool = False):
+                 momentum: float = 0.999, key_bn_groups: int = 8, patch_bn_stats: bool = False,
+                 num_classes: int | None = None, teacher: str | None = "roi"):
         super().__init__()
         self.encoder = backbone
         self.head = ProjectionHead(backbone.out_dim, feature_dim)
@@ -81,8 +82,13 @@ class MomentumContrast(nn.Module):
         _group_batchnorms(self.key_encoder, key_bn_groups)
         for p in [*self.key_encoder.parameters(), *self.key_head.parameters()]:
             p.requires_grad_(False)
-        self.queue = LabelledQueue(queue_size, feature_dim)
+        # num_classes given: the class-balanced queue of the ablations, else one FIFO
+        self.queue = (LabelledQueue(queue_size, feature_dim) if num_classes is None
+                      else ClassBalancedQueue(queue_size, feature_dim, num_classes))
         self.momentum = momentum
+        # The patch crops' teacher: "roi" (PBSD, Eq. 11), "global" (the anchor's own z_i, the
+        # `*` ablation) or None (no teacher: the crops only enter the contrastive loss)
+        self.teacher = teacher
         self.batched_patches = True
         # The patch crops are normalised with their own batch statistics either way; by default
         # they stay out of the running statistics, which stage 2 and evaluation use on full-size
@@ -118,7 +124,10 @@ class MomentumContrast(nn.Module):
         if patches is not None:
             b, l = patches.shape[:2]
             with torch.no_grad():
-                teacher = self.patch_teacher(feature_map.detach(), boxes)
+                if self.teacher == "roi":
+                    teacher = self.patch_teacher(feature_map.detach(), boxes)
+                elif self.teacher == "global":
+                    teacher = query.detach()[:, None, :].expand(b, l, query.shape[1])
             with contextlib.nullcontext() if self.patch_bn_stats else frozen_running_stats(self.encoder):
                 if self.batched_patches:
                     crops = patches.flatten(0, 1)  # (B*L, 3, P, P), one forward for all crops
