@@ -17,7 +17,8 @@ DEMO_SETTINGS = [
     "data.val_per_class=0", "model.backbone=resnet32",
     "pretrain.epochs=6", "pretrain.batch_size=64", "pretrain.lr=0.2", "pretrain.warmup_epochs=1",
     "pretrain.queue_size=1024", "pretrain.ema_momentum=0.99", "pretrain.key_bn_groups=4", "pretrain.knn_every=3",
-    "linear.epochs=4", "linear.batch_size=128", "linear.lr=0.1", "linear.milestones=[3]",
+    # stage 2 as in the 30-epoch CIFAR recipes (chosen there on validation): features extracted once
+    "linear.augment=false", "linear.epochs=100", "linear.batch_size=128", "linear.lr=0.3", "linear.milestones=[60,80]",
 ]
 
 
