@@ -1,4 +1,4 @@
-"""Command-line interface: ``dscl run | pretrain | linear | evaluate | sweep | demo | bench``.
+"""Command-line interface: ``dscl run | pretrain | linear | evaluate | sweep | demo | bench | predict | export``.
 
 Every training command takes ``--config FILE`` (a YAML recipe), repeated ``--set key=value``
 overrides and ``--out DIR``. Errors the user can fix are printed as one message, no traceback.
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .engine.allocator import keep_freed_memory
-from .errors import DSCLError
+from .errors import ConfigError, DSCLError
 
 
 def _training_args(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in [("run", "stage 1, stage 2 and evaluation"), ("pretrain", "stage 1 only"),
                        ("linear", "stage 2 on the stage-1 checkpoint in --out"),
-                       ("evaluate", "evaluate the stage-2 classifier in --out on the test split")]:
-        _training_args(sub.add_parser(name, help=text, description=text))
+                       ("evaluate", "evaluate a finished run: RUN_DIR on another split or data set (into "
+                                    "RUN_DIR/evaluations/), or the run in --out on its test split again")]:
+        _training_args(sub.add_parser(name, help=text, description=text), out_required=name != "evaluate")
+    _reuse_args(sub)
     demo = sub.add_parser("demo", help="train ce, scl, dscl and dscl+pbsd on the embedded synthetic data and compare")
     demo.add_argument("--out", type=Path, default=None, help="parent folder of the four runs (default runs/demo-<time>)")
     demo.add_argument("--methods", nargs="+", default=None, help="subset of methods to run")
@@ -54,6 +56,67 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=int, default=2)
     return parser
+
+
+def _reuse_args(sub) -> None:
+    """``predict``, ``export`` and ``evaluate RUN_DIR``: use a finished run without writing into its files."""
+    evaluate = sub.choices["evaluate"]
+    evaluate.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR", help="a finished run folder")
+    evaluate.add_argument("--data", metavar="NAME|ROOT", help="another data set name or data root "
+                          "(otherwise the run's); --set data.KEY=VALUE changes any other data setting")
+    evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")
+    evaluate.add_argument("--results", type=Path, help="results file (default RUN_DIR/evaluations/<data>-<split>.json)")
+    predict = sub.add_parser("predict", help="top classes and probabilities of image files with a finished run")
+    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER", help="image files and folders (recursive)")
+    predict.add_argument("--topk", type=int, default=5)
+    predict.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    export = sub.add_parser("export", help="a finished run's classifier as a torchvision state dict, TorchScript or ONNX")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("--format", choices=["torchvision", "torchscript", "onnx"], required=True)
+    export.add_argument("--out", type=Path, required=True, metavar="FILE")
+    export.add_argument("--no-check", action="store_true", help="skip running the file in a fresh process")
+
+
+def _reuse_command(args) -> int:
+    if args.command == "predict":
+        from .inference import predict_command
+
+        return predict_command(args.run_dir, args.inputs, topk=args.topk, fmt=args.format,
+                               batch_size=args.batch_size, device=args.device)
+    if args.command == "export":
+        from .engine.trained import load
+        from .export import export
+
+        print(export(load(args.run_dir), args.format, args.out, check=not args.no_check))
+        return 0
+    if args.run_dir is None:
+        raise ConfigError("evaluate: give a run folder, RUN_DIR (or --out DIR to redo the run's own evaluation)")
+    from .inference import evaluate_run
+
+    evaluate_run(args.run_dir, args.data, args.overrides, args.split, args.results)
+    return 0
+
+
+def _stage_command(args) -> None:
+    from .config import load_config
+    from .engine import STAGES, run, setup, teardown
+
+    stages = {"run": STAGES, "pretrain": ("pretrain",), "linear": ("linear",), "evaluate": ("evaluate",)}[args.command]
+    config, resume = args.config, args.resume
+    if args.command in ("linear", "evaluate"):  # continue the run that stage 1 left in --out
+        saved = args.out / "config.yaml"
+        if config is None and saved.is_file():
+            config = saved
+        resume = True
+    cfg = load_config(config, args.overrides)
+    rt = setup(cfg.device)
+    try:
+        run(cfg, args.out, rt, stages=stages, resume=resume)
+    finally:
+        teardown()
 
 
 def _stage_command(args) -> None:
@@ -92,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench
 
             bench(args.config, args.overrides, reference=args.reference, steps=args.steps, warmup=args.warmup)
+        elif args.command in ("predict", "export") or (args.command == "evaluate" and args.out is None):
+            return _reuse_command(args)
         else:
             _stage_command(args)
     except DSCLError as exc:

@@ -7,13 +7,12 @@ from pathlib import Path
 
 from ..config import Config
 from ..data import DataSplits, build_splits
-from ..errors import CheckpointError
-from ..models import Classifier
 from .distributed import Runtime, barrier
 from .evaluate import accuracy_report, predict
-from .linear import backbone_from_stage1, selection_of, train_linear
-from .pretrain import build_stage1_model, pretrain
+from .linear import backbone_from_stage1, train_linear
+from .pretrain import pretrain
 from .rundir import RunDir
+from .trained import load_classifier, model_card, stage1_state, write_model_card
 from .views import split_loader
 
 STAGES = ("pretrain", "linear", "evaluate")
@@ -50,20 +49,17 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
     if "linear" not in stages and "evaluate" not in stages:
         return None
     if state is None:
-        state = run_dir.load(run_dir.checkpoint("pretrain"))["model"]
+        state = stage1_state(run_dir)
     barrier()
-    if cfg.method == "ce":  # the end-to-end baseline keeps the classifier it trained with
-        model = build_stage1_model(cfg, splits.num_classes)
-        model.load_state_dict(state)
-        model.to(rt.device)
-    elif "linear" in stages:
+    if cfg.method != "ce" and "linear" in stages:
         t = time.perf_counter()
         model, selection = train_linear(cfg, splits, rt, run_dir, backbone_from_stage1(cfg, state),
                                         resume and not retrained)
         timings["linear_s"] = round(time.perf_counter() - t, 2)
-    else:
-        model, selection = _load_linear(cfg, splits, run_dir, state)
+    else:  # ce keeps the classifier it trained end to end; otherwise stage 2's kept layer
+        model, selection = load_classifier(cfg, run_dir, splits.num_classes, state)
         model.to(rt.device)
+    write_model_card(run_dir, model_card(cfg, splits, selection))  # what reusing the classifier needs
     if "evaluate" not in stages or not rt.is_main:
         return None
     t = time.perf_counter()
@@ -87,17 +83,6 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
     run_dir.log(f"test top-1 {results['overall']:.2f}% (many {_fmt(results['many'])}, medium "
                 f"{_fmt(results['medium'])}, few {_fmt(results['few'])}) -> {run_dir.path / 'results.json'}")
     return results
-
-
-def _load_linear(cfg: Config, splits: DataSplits, run_dir: RunDir, state: dict) -> tuple[Classifier, dict]:
-    path = run_dir.checkpoint("linear_best")
-    best = run_dir.load(path)
-    if not best.get("complete"):
-        raise CheckpointError(f"{path}: stage 2 did not finish; run `dscl linear` first")
-    model = Classifier(backbone_from_stage1(cfg, state), splits.num_classes)
-    model.fc.load_state_dict(best["fc"])
-    model.norm.load_state_dict(best["norm"])
-    return model, selection_of({"epoch": best["best_epoch"], "val": best["best_val"]})
 
 
 def _fmt(value) -> str:
