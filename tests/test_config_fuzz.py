@@ -15,7 +15,7 @@ from dscl.config import METHODS, Config, config_from_dict, load_config
 from dscl.errors import ConfigError
 
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SECTIONS = ("data", "model", "pretrain", "linear")
+SECTIONS = ("data", "model", "pretrain", "linear", "logging")
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 

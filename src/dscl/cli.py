@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reference", action="store_true", help="time the straightforward reference implementation")
     bench.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=int, default=2)
+    _analysis_args(sub)
     return parser
 
 
@@ -138,10 +139,91 @@ def _stage_command(args) -> None:
         teardown()
 
 
+def _analysis_args(sub) -> None:
+    """``dscl analyze gradients | retrieval | cam`` and ``dscl report`` (docs/ANALYSES.md)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", type=Path, help="PNG to write (default RUN_DIR/analyses/<analysis>.png)")
+    common.add_argument("--data-root", type=Path, help="where the run's data are now (default: its data.root)")
+    common.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    analyze = sub.add_parser("analyze", help="the paper's analyses of a finished run, as PNG figures",
+                             description="The paper's analyses of a finished run, each written as a PNG.")
+    kinds = analyze.add_subparsers(dest="analysis", required=True)
+    text = ("per class, the gradient-norm ratio of the anchor's own key to its same-class positives under SCL "
+            "and DSCL, against class size, with the theory 1/|P_i| and alpha/(1-alpha) (Fig. 2); numbers in .json")
+    gradients = kinds.add_parser("gradients", parents=[common], help=text, description=text)
+    gradients.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    gradients.add_argument("--checkpoint", type=Path, help="a stage-1 checkpoint of this run (default checkpoints/pretrain.pt)")
+    gradients.add_argument("--init", action="store_true", help="the run's initial weights instead of a checkpoint")
+    gradients.add_argument("--alpha", type=float, help="DSCL's alpha (default the run's; 0.1 for an scl run)")
+    gradients.add_argument("--batches", type=int, default=20, help="training batches measured (default 20)")
+    gradients.add_argument("--fill-batches", type=int, help="batches that only fill an empty queue first "
+                                                            "(default: enough to fill it once)")
+    gradients.add_argument("--seed", type=int, default=0)
+    text = ("the top-k training images for a patch (box) of one image, by the patch feature PBSD pools "
+            "(ROI-align on the last feature map), each with the patch's response map (Fig. 1, 4)")
+    retrieval = kinds.add_parser("retrieval", parents=[common], help=text, description=text)
+    retrieval.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="one row of the figure each")
+    retrieval.add_argument("--image", type=Path, help="an image file (default: image --index of --split)")
+    retrieval.add_argument("--index", type=int, default=0)
+    retrieval.add_argument("--split", choices=["test", "val", "train"], default="test")
+    retrieval.add_argument("--box", metavar="X1,Y1,X2,Y2", help="in pixels of the S x S network input "
+                                                                "(default: drawn at random as PBSD draws patches)")
+    retrieval.add_argument("--k", type=int, default=3, help="images retrieved (default 3)")
+    retrieval.add_argument("--seed", type=int, default=0, help="seed of the random box")
+    text = "class activation maps of the run's classifier (its fc weights on the last feature map)"
+    cam = kinds.add_parser("cam", parents=[common], help=text, description=text)
+    cam.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    cam.add_argument("--image", type=Path, action="append", default=[], help="an image file (repeatable; map of the "
+                                                                              "predicted class)")
+    cam.add_argument("--per-class", type=int, default=1, help="images of each class from --split (default 1)")
+    cam.add_argument("--classes", nargs="+", help="class names or indices (default all)")
+    cam.add_argument("--split", choices=["test", "val", "train"], default="test")
+    cam.add_argument("--target", choices=["true", "predicted"], default="true", help="whose class map to show")
+    text = "one self-contained HTML page comparing runs: results table, config differences, plots"
+    report = sub.add_parser("report", help=text, description=text)
+    report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file (default report.html)")
+
+
+def _analysis_command(args) -> int:
+    from .analysis.runs import parse_box
+    from .errors import ArgumentError
+
+    if args.command == "report":
+        from .report import write_report
+
+        print(write_report(args.run_dirs, args.out))
+        return 0
+    first = args.run_dirs[0] if args.analysis == "retrieval" else args.run_dir
+    out = args.out or first / "analyses" / f"{args.analysis}.png"
+    where = {"data_root": args.data_root, "device": args.device}
+    if args.analysis == "gradients":
+        from .analysis.gradients import analyze_gradients
+
+        if args.init and args.checkpoint:
+            raise ArgumentError("analyze gradients: give --checkpoint or --init, not both")
+        analyze_gradients(args.run_dir, out, checkpoint=args.checkpoint, initial=args.init, alpha=args.alpha,
+                          batches=args.batches, fill_batches=args.fill_batches, seed=args.seed, **where)
+    elif args.analysis == "retrieval":
+        from .analysis.retrieval import analyze_retrieval
+
+        analyze_retrieval(args.run_dirs, out, image=args.image, index=args.index, split=args.split, k=args.k,
+                          box=parse_box(args.box) if args.box else None, seed=args.seed, **where)
+    else:
+        from .analysis.cam import analyze_cam
+
+        analyze_cam(args.run_dir, out, images=args.image, per_class=args.per_class, classes=args.classes,
+                    split=args.split, target=args.target, **where)
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     try:
+        if args.command in ("analyze", "report"):
+            return _analysis_command(args)
         if args.command == "demo":
             from .demo import demo
 

@@ -94,6 +94,13 @@ class LinearConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """What a run writes besides metrics.csv, log.txt and the plots."""
+
+    tensorboard: bool = False  # scalars per epoch and per stage-1 step into <out>/tensorboard/ (dscl[tensorboard])
+
+
+@dataclass
 class Config:
     method: str = "dscl+pbsd"
     seed: int = 0
@@ -107,6 +114,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def alpha(self) -> float | None:

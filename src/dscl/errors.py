@@ -24,3 +24,8 @@ class CheckpointError(DSCLError):
 
 class NumericalError(DSCLError):
     """A loss became NaN or infinite."""
+
+
+class ArgumentError(DSCLError):
+    """A command-line argument does not fit what it refers to: a box outside the image, an
+    image index past the end of its split."""

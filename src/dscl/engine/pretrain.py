@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..analysis.tensorboard import step_scalars
 from ..config import Config
 from ..data import DataSplits
 from ..errors import ConfigError, NumericalError
@@ -221,6 +222,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
             seen += 1
+            step_scalars(run, epoch * steps + step, {"lr": lr, **parts})  # TensorBoard, if logging.tensorboard
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
             if cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < steps:
                 save_last(epoch, step + 1)

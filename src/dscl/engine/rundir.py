@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ..analysis.tensorboard import epoch_scalars
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import atomic_write_text, config_differences, load_checkpoint, save_checkpoint, write_json, write_yaml
 
@@ -91,6 +92,7 @@ class RunDir:
         writer.writerows(self.metrics)
         atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
         self.log(" ".join(f"{k}={v}" for k, v in row.items()))
+        epoch_scalars(self, row)  # TensorBoard, when logging.tensorboard is on
 
     def log(self, message: str) -> None:
         if not self.is_main:
