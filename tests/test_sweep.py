@@ -123,3 +123,17 @@ def test_table1_layout_every_variant_and_a_curve_end_to_end(tmp_path, tiny_overr
     assert [float(r["pretrain.alpha"]) for r in curve] == [0.0, 1.0] and all(r["overall"] for r in curve)
     with Image.open(out / "curve.png") as image:
         assert image.format == "PNG"
+
+
+def test_a_folder_written_before_a_key_existed_is_the_same_run(tmp_path, tiny_overrides):
+    # keys added to dscl later take their defaults; logging.* never makes another run
+    from dscl.config import load_config
+    from dscl.engine.checkpoint import write_yaml
+    from dscl.sweep import _check_same
+
+    old = load_config(None, tiny_overrides).to_dict()
+    del old["logging"], old["pretrain"]["pbsd_teacher"]
+    write_yaml(tmp_path / "config.yaml", old)
+    _check_same(tmp_path, load_config(None, tiny_overrides + ["logging.tensorboard=true"]).to_dict())
+    with pytest.raises(ConfigError, match="pretrain.pbsd_teacher"):
+        _check_same(tmp_path, load_config(None, tiny_overrides + ["pretrain.pbsd_teacher=global"]).to_dict())

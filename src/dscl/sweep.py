@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import load_config, parse_override
+from .config import config_from_dict, load_config, parse_override
 from .engine.checkpoint import atomic_write_bytes, atomic_write_text
 from .engine.rundir import RunDir
 from .errors import ConfigError, DSCLError
@@ -191,13 +191,13 @@ def _reuse_stage1(path: Path, config: dict, candidates: list[Path]) -> None:
     of training it again; its log says where the copy came from."""
     if (path / "config.yaml").is_file():
         return
-    mine = {k: v for k, v in _flat(config).items() if not k.startswith("linear.")}
+    mine = _comparable(_flat(config), "linear.")
     for other in candidates:
         done = other / "checkpoints" / "pretrain.pt"
         saved = _saved_config(other)
         if other == path or saved is None or not done.is_file():
             continue
-        if {k: v for k, v in saved.items() if not k.startswith("linear.")} == mine:
+        if _comparable(saved, "linear.") == mine:
             run_dir = RunDir(path)
             run_dir.prepare(config, resume=False)
             (path / "checkpoints").mkdir(exist_ok=True)
@@ -221,14 +221,26 @@ def _flat(config: dict, prefix: str = "") -> dict:
 
 
 def _saved_config(path: Path) -> dict | None:
+    """A run folder's config, flat; keys added to dscl since it was written take their defaults."""
     saved = path / "config.yaml"
-    return _flat(yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else None
+    if not saved.is_file():
+        return None
+    try:
+        return _flat(config_from_dict(yaml.safe_load(saved.read_text()) or {}).to_dict())
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{saved}: {exc}") from None
+
+
+def _comparable(flat: dict, *skip: str) -> dict:
+    """The keys that make two runs different runs: not ``logging.*`` (what is recorded, not what
+    is trained), nor the given prefixes."""
+    return {k: v for k, v in flat.items() if not k.startswith(("logging.", *skip))}
 
 
 def _check_same(path: Path, config: dict) -> None:
     saved = _saved_config(path)
     if saved is not None:
-        current = _flat(config)
+        saved, current = _comparable(saved), _comparable(_flat(config))
         diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
                  if saved.get(k) != current.get(k)]
         if diffs:
