@@ -4,7 +4,9 @@ The step is what training does: forward of the query view, key view and patches,
 backward, SGD, EMA update, enqueue, with the queue full (every slot valid). It is timed after
 warm-up and set beside a plain cross-entropy step of the same backbone, batch and device, and
 beside its arithmetic cost: per image, 3 units for the query view (forward + backward), 1 for the
-key view (forward only) and 3 L (P/S)^2 for the patches, against 3 for the CE step.
+key view (forward only) and 3 L (P/S)^2 for the patches, against 3 for the CE step. It also
+counts the parameters (trained ones of stage 1; the backbone's) and the backbone's multiply-adds
+for one image, which is how a multi-expert backbone (``model.experts``) compares with one.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from .config import load_config
 from .engine.distributed import resolve_device
+from .engine.experts import build_encoder
 from .engine.pretrain import build_stage1_model, prepare_model, stage1_losses
 from .engine.views import patch_size
 from .losses import dense
+from .models import build_classifier
 
 
 def _sync(device: torch.device) -> None:
@@ -56,9 +61,10 @@ def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: 
         raise SystemExit("dscl bench times a contrastive method against CE; choose method=scl, dscl, ... ")
     model = prepare_model(build_stage1_model(cfg, num_classes).to(device).train(), cfg)
     model.batched_patches = not reference
-    with torch.no_grad():  # a full queue of unit keys with real labels
-        model.queue.keys.copy_(F.normalize(torch.randn_like(model.queue.keys), dim=1))
-        model.queue.labels.copy_(torch.randint(0, num_classes, model.queue.labels.shape, **gen))
+    with torch.no_grad():  # a full queue of unit keys with real labels (one queue per expert)
+        for queue in getattr(model.queue, "queues", [model.queue]):
+            queue.keys.copy_(F.normalize(torch.randn_like(queue.keys), dim=1))
+            queue.labels.copy_(torch.randint(0, num_classes, queue.labels.shape, **gen))
     num_patches = cfg.pretrain.num_patches
     boxes = torch.tensor([0.0, 0.0, size / 2, size / 2], **gen).repeat(b, num_patches, 1)
     batch = ((torch.randn(b, 3, size, size, **gen), torch.randn(b, 3, size, size, **gen),
@@ -90,15 +96,31 @@ def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: 
         "peak_mem_mb": round(peak, 1), "ce_images_per_s": round(b / ce_ms * 1000, 2), "ce_step_ms": round(ce_ms, 2),
         "flop_ratio": round(flop_ratio, 3), "measured_ratio": round(step_ms / ce_ms, 3),
         "precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,
+        "experts": cfg.model.experts, "params": sum(q.numel() for q in model.parameters() if q.requires_grad),
+        "backbone_params": sum(q.numel() for q in model.encoder.parameters()),
+        "backbone_macs": _macs_per_image(model.encoder, size, device),
     }
     if print_json:
         print(json.dumps(result))
     return result
 
 
+def _macs_per_image(backbone: torch.nn.Module, size: int, device: torch.device) -> int:
+    """Multiply-adds of one image's forward through the backbone (convolutions and matmuls)."""
+    was_training = backbone.training
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        backbone.eval()(torch.zeros(1, 3, size, size, device=device))
+    backbone.train(was_training)
+    return counter.get_total_flops() // 2
+
+
 def _ce_step_ms(cfg, num_classes, images, labels, steps, warmup, device) -> float:
-    ce_cfg = load_config(base={**cfg.to_dict(), "method": "ce"})
-    model = prepare_model(build_stage1_model(ce_cfg, num_classes).to(device).train(), ce_cfg)
+    if cfg.model.experts > 1:  # no ce run takes experts: time the same ensemble trained end to end on CE
+        ce_cfg = load_config(base={**cfg.to_dict(), "method": "ce", "model": {**cfg.to_dict()["model"], "experts": 1}})
+        model = prepare_model(build_classifier(build_encoder(cfg), num_classes).to(device).train(), ce_cfg)
+    else:
+        ce_cfg = load_config(base={**cfg.to_dict(), "method": "ce"})
+        model = prepare_model(build_stage1_model(ce_cfg, num_classes).to(device).train(), ce_cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():

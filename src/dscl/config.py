@@ -46,6 +46,8 @@ class ModelConfig:
     pretrained: str | None = None  # local weights file, or "torchvision" to download ImageNet weights
     train_last_stage_only: bool = False
     feature_dim: int = 128
+    experts: int = 1  # > 1: RIDE-style experts sharing the early stages (docs/RECIPES.md); 1: the plain backbone
+    expert_width: float = 0.75  # with experts > 1: each expert's last stage(s) at this fraction of the channels
 
 
 @dataclass
@@ -249,6 +251,10 @@ def validate(cfg: Config) -> Config:
         (cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1"),
         (cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size", "must be >= 8"),
         (cfg.model.feature_dim >= 1, "model.feature_dim", "must be >= 1"),
+        (cfg.model.experts >= 1, "model.experts", "must be >= 1"),
+        (cfg.model.expert_width > 0, "model.expert_width", "must be > 0"),
+        (cfg.model.experts == 1 or cfg.method != "ce", "model.experts",
+         "needs a contrastive method: ce trains one network end to end (see docs/RECIPES.md)"),
         (cfg.pretrain.patch_size is None or cfg.pretrain.patch_size >= 1, "pretrain.patch_size", "must be >= 1"),
         (cfg.pretrain.crop_scale is None or 0 < cfg.pretrain.crop_scale[0] <= cfg.pretrain.crop_scale[1] <= 1,
          "pretrain.crop_scale", "must be 0 < low <= high <= 1"),

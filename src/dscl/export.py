@@ -4,7 +4,8 @@
   feature standardisation folded into ``fc`` (``W' = W / std``, ``b' = b - W' mean``), so the
   unmodified torchvision network gives the same logits. ResNet-32 has no torchvision
   constructor: its state dict fits :class:`dscl.models.standalone.ResNet32`, a torch-only file.
-- ``torchscript``: the whole classifier, traced.
+- ``torchscript``: the whole classifier, traced (with ``model.experts > 1`` the ensemble: mean of
+  the experts' logits; it has no torchvision equivalent).
 - ``onnx``: the whole classifier, with a dynamic batch axis (needs ``pip install "dscl[onnx]"``).
 
 Every export takes normalised (N, 3, S, S) images and returns (N, C) logits, and is checked in
@@ -31,7 +32,7 @@ from torch import nn
 from .engine.checkpoint import atomic_write_bytes, write_json
 from .engine.trained import TrainedClassifier
 from .errors import CheckpointError, ConfigError
-from .models import CifarResNet, TorchvisionResNet
+from .models import CifarResNet, ExpertClassifier, TorchvisionResNet
 from .models import standalone
 
 FORMATS = ("torchvision", "torchscript", "onnx")
@@ -53,6 +54,9 @@ def folded_fc(classifier: nn.Module) -> nn.Linear:
 def torchvision_state_dict(classifier: nn.Module) -> dict:
     """The classifier as the state dict of its torchvision model (ResNet-32: the standalone one)."""
     backbone = classifier.backbone
+    if isinstance(classifier, ExpertClassifier):
+        raise ConfigError(f"--format torchvision: an ensemble of {classifier.num_experts} experts (model.experts) has "
+                          "no torchvision equivalent; use --format torchscript or onnx")
     state = backbone.state_dict()
     if isinstance(backbone, TorchvisionResNet):  # stem = (conv1, bn1, relu, maxpool)
         state = {k.replace("stem.0.", "conv1.", 1).replace("stem.1.", "bn1.", 1): v for k, v in state.items()}
@@ -152,6 +156,8 @@ def export(model: TrainedClassifier, fmt: str, out: str | Path, *, check: bool =
             "mean": list(model.mean), "std": list(model.std), "preprocessing": model.card.get("preprocessing"),
             "input": f"images (N, 3, {size}, {size}) float32, normalised", "output": f"logits (N, {num_classes})",
             "dscl_version": model.card.get("dscl_version"), "run": str(model.path)}
+    if isinstance(classifier, ExpertClassifier):
+        card["output"] += f", the mean of {classifier.num_experts} experts' logits"
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     if fmt == "torchvision":
         state = torchvision_state_dict(classifier)

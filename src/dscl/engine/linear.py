@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -19,9 +18,10 @@ from tqdm import tqdm
 from ..config import Config
 from ..data import ClassBalancedSampler, DataSplits
 from ..errors import NumericalError
-from ..models import Classifier, build_backbone
+from ..models import Classifier, ExpertClassifier, build_classifier
 from .distributed import Runtime, all_reduce_sum
 from .evaluate import accuracy_report, extract_features
+from .experts import build_encoder, classifier_loss
 from .loaders import EpochBatches, steps_per_epoch
 from .pretrain import autocast, prepare_model, stop_if_not_finite, to_device
 from .rundir import RunDir
@@ -30,9 +30,9 @@ from .views import linear_transform, split_loader
 
 
 def backbone_from_stage1(cfg: Config, state: dict) -> nn.Module:
-    """The query encoder f of a stage-1 state dict (MomentumContrast or the CE Classifier)."""
+    """The query encoder f of a stage-1 state dict (MomentumContrast, MultiExpertContrast or the CE Classifier)."""
     prefix = "backbone." if cfg.method == "ce" else "encoder."
-    backbone = build_backbone(cfg.model.backbone, zero_init_residual=False)
+    backbone = build_encoder(cfg, zero_init_residual=False)
     backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     return backbone
 
@@ -58,7 +58,8 @@ def clean_features(backbone: nn.Module, cfg: Config, dataset, image_size: int, r
     return features.to(rt.device), labels.to(rt.device)
 
 
-def fit_standardizer(model: Classifier, cfg: Config, splits: DataSplits, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_standardizer(model: Classifier | ExpertClassifier, cfg: Config, splits: DataSplits,
+                     rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """Set the classifier's feature standardisation from the un-augmented training features;
     returns those features and their labels."""
     features, labels = clean_features(model.backbone, cfg, splits.train, splits.image_size, rt, "feature statistics")
@@ -73,13 +74,15 @@ def selection_of(best: dict) -> dict:
 
 
 def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, backbone: nn.Module,
-                 resume: bool) -> tuple[Classifier, dict]:
+                 resume: bool) -> tuple[Classifier | ExpertClassifier, dict]:
     """Train the classifier; returns backbone + the selected linear layer (on ``rt.device``) and
-    :func:`selection_of` the kept epoch."""
+    :func:`selection_of` the kept epoch. A multi-expert backbone gets a linear layer (and a
+    standardiser) per expert, each trained on its own cross-entropy; the kept epoch is the
+    ensemble's best."""
     lc = cfg.linear
     backbone = backbone.to(rt.device)
     snapshot = freeze(backbone)
-    model = Classifier(backbone, splits.num_classes).to(rt.device).eval()  # no mode-dependent layer after f
+    model = build_classifier(backbone, splits.num_classes).to(rt.device).eval()  # no mode-dependent layer after f
     prepare_model(model, cfg)
     torch.manual_seed(mix_seed(cfg.seed, 4))
     model.fc.reset_parameters()
@@ -141,7 +144,7 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         for step, (features, labels) in enumerate(bar, start=start_step):
             with torch.no_grad():
                 features = model.norm(features)
-            loss = F.cross_entropy(fc(features), labels)
+            loss = classifier_loss(fc(features), labels)
             stop_if_not_finite(loss, f"stage 2, epoch {epoch + 1}, step {step + 1}", f"lower linear.lr (now {lc.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -30,10 +30,13 @@ from .loaders import EpochBatches, shuffled_order, steps_per_epoch
 from .rundir import RunDir
 from .seeding import mix_seed, seed_everything
 from .evaluate import extract_features, knn_predict
+from .experts import build_expert_stage1_model, per_expert
 from .views import split_loader, stage1_transform
 
 
 def build_stage1_model(cfg: Config, num_classes: int) -> nn.Module:
+    if cfg.model.experts > 1:  # RIDE-style experts; experts: 1 is the model below, unchanged
+        return build_expert_stage1_model(cfg, num_classes)
     backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained,
                               zero_init_residual=cfg.model.pretrained is None)
     if cfg.model.train_last_stage_only:
@@ -54,6 +57,7 @@ def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
+@per_expert  # a multi-expert model: this loss for each expert, then their mean (engine/experts.py)
 def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
                   supcon=decoupled_supcon_loss, pbsd=patch_distillation_loss) -> tuple[torch.Tensor, dict]:
     """Loss of one batch and its parts, for any method (``supcon`` / ``pbsd``: the loss functions).

@@ -8,8 +8,10 @@ from pathlib import Path
 from ..analysis.plots import plot_finished_run
 from ..config import Config
 from ..data import DataSplits, build_splits
+from ..models import ExpertClassifier
 from .distributed import Runtime, barrier
 from .evaluate import accuracy_report, predict
+from .experts import expert_results
 from .linear import backbone_from_stage1, train_linear
 from .pretrain import pretrain
 from .rundir import RunDir
@@ -70,6 +72,10 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
         val_preds, val_labels = predict(model, split_loader(cfg, splits.val, splits.image_size, rt.device),
                                         device=rt.device, desc="val")
         val_top1 = accuracy_report(val_preds, val_labels, splits.train_counts)["overall"]
+    experts = None
+    if isinstance(model, ExpertClassifier):  # each expert alone, with its own linear layer
+        experts = expert_results(model, split_loader(cfg, splits.test, splits.image_size, rt.device),
+                                 splits.train_counts, rt.device)
     timings["evaluate_s"] = round(time.perf_counter() - t, 2)
     report = accuracy_report(preds, labels, splits.train_counts)
     results = {"method": cfg.method, "overall": report["overall"], "many": report["many"],
@@ -80,6 +86,9 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
                "wall_time_s": round(time.perf_counter() - tic, 2),
                # every epoch of both stages, whichever process (a resume, a reused stage 1) ran it
                "train_s": round(sum(row.get("seconds", 0.0) for row in run_dir.metrics), 1)}
+    if experts is not None:
+        results["experts"] = experts
+        run_dir.log("test top-1 of each expert alone: " + ", ".join(f"{e['overall']:.2f}%" for e in experts))
     run_dir.write_results(results)
     run_dir.log(f"test top-1 {results['overall']:.2f}% (many {_fmt(results['many'])}, medium "
                 f"{_fmt(results['medium'])}, few {_fmt(results['few'])}) -> {run_dir.path / 'results.json'}")

@@ -20,7 +20,7 @@ from ..config import Config, load_config
 from ..data import DataSplits, eval_transform
 from ..data.images import is_image_file
 from ..errors import CheckpointError
-from ..models import Classifier, build_backbone
+from ..models import Classifier, ExpertClassifier, build_backbone, build_classifier
 from .checkpoint import write_json
 from .distributed import resolve_device
 from .linear import backbone_from_stage1, selection_of
@@ -45,13 +45,14 @@ def stage1_state(run: RunDir) -> dict:
 
 
 def load_classifier(cfg: Config, run: RunDir, num_classes: int | None = None,
-                    state: dict | None = None) -> tuple[Classifier, dict]:
+                    state: dict | None = None) -> tuple[Classifier | ExpertClassifier, dict]:
     """The run's classifier (on the CPU) and what results.json says of the stage-2 epoch kept.
 
     For ``ce``, the network trained end to end in stage 1 (``checkpoints/pretrain.pt``);
     otherwise the stage-1 backbone with the kept stage-2 linear layer and its feature
-    standardisation (``checkpoints/linear_best.pt``). ``state``: the stage-1 model state when the
-    caller has it; ``num_classes``: what the checkpoint must hold, when known.
+    standardisation (``checkpoints/linear_best.pt``), one of each per expert with ``model.experts > 1``.
+    ``state``: the stage-1 model state when the caller has it; ``num_classes``: what the
+    checkpoint must hold, when known.
     """
     state = stage1_state(run) if state is None else state
     if cfg.method == "ce":
@@ -71,7 +72,8 @@ def load_classifier(cfg: Config, run: RunDir, num_classes: int | None = None,
     except RuntimeError as exc:
         raise CheckpointError(f"{run.checkpoint('pretrain')}: does not fit model.backbone "
                               f"{cfg.model.backbone!r}: {exc}") from None
-    model = Classifier(backbone, _classes_in(best["fc"], "weight", num_classes, path))
+    weight = "weight" if cfg.model.experts == 1 else "linears.0.weight"  # ExpertLinear: one layer per expert
+    model = build_classifier(backbone, _classes_in(best["fc"], weight, num_classes, path))
     _load_into(model.fc, best["fc"], path)
     _load_into(model.norm, best.get("norm", {}), path)
     return model, selection_of({"epoch": best.get("best_epoch"), "val": best.get("best_val")})
@@ -103,7 +105,8 @@ def preprocessing(size: int) -> str:
 def model_card(cfg: Config, splits: DataSplits, selection: dict | None) -> dict:
     """What ``model.json`` records about a run's classifier."""
     mean, std = normalisation(splits.image_size)
-    return {"dscl_version": __version__, "method": cfg.method, "backbone": cfg.model.backbone,
+    experts = {"experts": cfg.model.experts} if cfg.model.experts > 1 else {}  # model.json of experts: 1 as before
+    return {"dscl_version": __version__, "method": cfg.method, "backbone": cfg.model.backbone, **experts,
             "checkpoint": "checkpoints/pretrain.pt" if cfg.method == "ce" else "checkpoints/linear_best.pt",
             "num_classes": splits.num_classes, "classes": list(splits.classes), "image_size": splits.image_size,
             "mean": list(mean), "std": list(std), "preprocessing": preprocessing(splits.image_size),
@@ -172,10 +175,11 @@ class TrainedClassifier:
 
     ``model(images)`` takes (N, 3, S, S) images, S = ``image_size``, normalised with ``mean``
     and ``std`` (``transform`` does all of it for a PIL image) and returns (N, C) logits; the
-    ``classifier`` module is the backbone, feature standardisation and linear layer.
+    ``classifier`` module is the backbone, feature standardisation and linear layer (with
+    ``model.experts > 1``: one of each per expert, the logits their mean).
     """
 
-    classifier: Classifier
+    classifier: Classifier | ExpertClassifier
     classes: list[str]
     image_size: int
     mean: tuple[float, ...]
