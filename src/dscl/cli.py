@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--select", choices=["val"], default=None,
                        help="mark the combination with the best mean validation accuracy")
     sweep.add_argument("--summary-only", action="store_true", help="rebuild the summaries from the runs on disk")
+    sweep.add_argument("--layout", choices=["table1", "table3s"], default=None,
+                       help="the rows of one of the paper's tables (table1: components; table3s: the supplement's "
+                            "queue and re-weighting ablation), crossed with any --grid; writes <layout>.md / .csv")
     bench = sub.add_parser("bench", help="time one stage-1 training step on generated tensors; prints JSON")
     bench.add_argument("--config", type=Path)
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -99,25 +102,6 @@ def _reuse_command(args) -> int:
 
     evaluate_run(args.run_dir, args.data, args.overrides, args.split, args.results)
     return 0
-
-
-def _stage_command(args) -> None:
-    from .config import load_config
-    from .engine import STAGES, run, setup, teardown
-
-    stages = {"run": STAGES, "pretrain": ("pretrain",), "linear": ("linear",), "evaluate": ("evaluate",)}[args.command]
-    config, resume = args.config, args.resume
-    if args.command in ("linear", "evaluate"):  # continue the run that stage 1 left in --out
-        saved = args.out / "config.yaml"
-        if config is None and saved.is_file():
-            config = saved
-        resume = True
-    cfg = load_config(config, args.overrides)
-    rt = setup(cfg.device)
-    try:
-        run(cfg, args.out, rt, stages=stages, resume=resume)
-    finally:
-        teardown()
 
 
 def _stage_command(args) -> None:
@@ -232,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import sweep
 
             sweep(args.config, args.overrides, args.grid, args.seeds, args.out, select=args.select,
-                  summary_only=args.summary_only)
+                  summary_only=args.summary_only, layout=args.layout)
         elif args.command == "bench":
             from .bench import bench
 

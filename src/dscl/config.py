@@ -34,6 +34,7 @@ class DataConfig:
     image_size: int | None = None  # None: the data set's native size (32 for CIFAR / synthetic, else 224)
     num_workers: int = 0
     pipeline: str = "auto"  # auto | pil | tensor: per-image PIL transforms, or batched on the device
+    profile: str = "exponential"  # exponential | pareto: how the class sizes fall from head to tail
     skip_bad_images: bool = False
     synthetic_classes: int = 10
     synthetic_n_max: int = 500
@@ -72,6 +73,12 @@ class PretrainConfig:
     crop_scale: tuple[float, float] | None = None  # None: (0.08, 1) at 224 px, (0.2, 1) below
     key_bn_groups: int = 8
     patch_bn_stats: bool = False  # let the patch crops update BatchNorm running statistics
+    # Ablation variants (docs/ABLATIONS.md); the defaults are the method
+    pbsd_teacher: str = "roi"  # roi | global: PBSD's teacher is the ROI patch feature, or the global query z_i
+    patch_mode: str = "pbsd"  # pbsd | multicrop: the crops are distilled, or extra positive views in the contrast
+    queue_sampling: str = "fifo"  # fifo | balanced: one FIFO, or queue_size // C slots per class
+    reweight: str = "none"  # none | effective_number: class-balanced weights (Cui et al. 2019) per anchor
+    reweight_beta: float = 0.9999
     knn_every: int = 1  # k-NN top-1 on the validation split every N epochs (0: never)
     knn_k: int = 20
     steps_per_epoch: int | None = None  # cap, for smoke runs; None: the whole data set
@@ -246,6 +253,15 @@ def validate(cfg: Config) -> Config:
         (cfg.data.val_per_class is None or cfg.data.val_per_class >= 0, "data.val_per_class", "must be >= 0"),
         (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (cfg.data.pipeline in ("auto", "pil", "tensor"), "data.pipeline", "must be auto, pil or tensor"),
+        (cfg.data.profile in ("exponential", "pareto"), "data.profile", "must be exponential or pareto"),
+        (cfg.pretrain.pbsd_teacher in ("roi", "global"), "pretrain.pbsd_teacher", "must be roi or global"),
+        (cfg.pretrain.patch_mode in ("pbsd", "multicrop"), "pretrain.patch_mode", "must be pbsd or multicrop"),
+        (cfg.pretrain.queue_sampling in ("fifo", "balanced"), "pretrain.queue_sampling", "must be fifo or balanced"),
+        (cfg.pretrain.reweight in ("none", "effective_number"), "pretrain.reweight", "must be none or effective_number"),
+        (0.0 <= cfg.pretrain.reweight_beta < 1.0, "pretrain.reweight_beta", "must lie in [0, 1)"),
+        (cfg.uses_pbsd or (cfg.pretrain.pbsd_teacher == "roi" and cfg.pretrain.patch_mode == "pbsd"),
+         "pretrain.pbsd_teacher / pretrain.patch_mode", f"change the patch term, which method {cfg.method!r} has not "
+         "(use scl+pbsd or dscl+pbsd)"),
         (cfg.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0"),
         (cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1"),

@@ -266,6 +266,7 @@ def summarise(out: Path, combos: list[Combination], seeds: list[int], select: st
             path = out / combo.folder / f"seed{seed}"
             if (path / "results.json").is_file():
                 results.append(json.loads((path / "results.json").read_text()))
+                results[-1].setdefault("train_s", _epoch_seconds(path))
             elif (path / "error.txt").is_file():
                 failed.append(f"seed {seed}: {(path / 'error.txt').read_text().strip()}")
         row = {"combination": combo.name, "runs": len(results), "failed": len(failed)}
@@ -290,6 +291,15 @@ def summarise(out: Path, combos: list[Combination], seeds: list[int], select: st
         plot_per_class(out / f"{'per_class' if layout is None else layout + '_per_class'}.png", curves)
     print("\n" + format_summary(rows, seeds, select), flush=True)
     return rows
+
+
+def _epoch_seconds(path: Path) -> float | None:
+    """The summed epoch times in a run's metrics.csv (for results written before ``train_s``)."""
+    try:
+        rows = list(csv.DictReader((path / "metrics.csv").open()))
+    except OSError:
+        return None
+    return sum(float(r["seconds"]) for r in rows if r.get("seconds")) or None
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -1,5 +1,4 @@
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from dscl.data import CIFAR_MEAN, CIFAR_STD
 from dscl.engine.checkpoint import load_checkpoint
 from dscl.engine.distributed import Runtime
 from dscl.engine.evaluate import predict
+from dscl.engine.experts import classifier_loss
 from dscl.engine.linear import backbone_from_stage1, fit_standardizer, train_linear
 from dscl.engine.pretrain import build_stage1_model
 from dscl.engine.rundir import RunDir
@@ -54,10 +54,11 @@ def setup_stage2(tmp_path, overrides, seed=4):
 
 
 def recording_cross_entropy(targets: list):
-    def cross_entropy(logits, target, *args, **kwargs):
+    """Stage 2's loss function, recording the labels it is given."""
+    def loss(logits, target):
         targets.append(target.detach().cpu().clone())
-        return torch.nn.functional.cross_entropy(logits, target, *args, **kwargs)
-    return SimpleNamespace(cross_entropy=cross_entropy)
+        return classifier_loss(logits, target)
+    return loss
 
 
 # --------------------------------------------------------------------------- class-balanced batches
@@ -75,7 +76,7 @@ def test_classifier_sees_class_balanced_labels(tmp_path, tiny_overrides, monkeyp
     assert max(counts) / sum(counts) > 0.4  # natural sampling would give the head class ~half
     assert min(counts) / sum(counts) < 0.1
     seen = []
-    monkeypatch.setattr(linear_module, "F", recording_cross_entropy(seen))
+    monkeypatch.setattr(linear_module, "classifier_loss", recording_cross_entropy(seen))
     train_linear(cfg, splits, CPU, run, backbone, resume=False)
     labels = torch.cat(seen)
     assert len(labels) == 4 * 3 * 40  # epochs x steps x batch, >= 400
@@ -101,7 +102,7 @@ def test_best_validation_epoch_is_kept_not_the_last(tmp_path, tiny_overrides, mo
             fc_at_val.append({k: v.detach().clone() for k, v in self.fc.state_dict().items()})
             return super().head(features)
 
-    monkeypatch.setattr(linear_module, "Classifier", RecordingClassifier)
+    monkeypatch.setattr(linear_module, "build_classifier", RecordingClassifier)  # one expert
     monkeypatch.setattr(linear_module, "accuracy_report", lambda *args, **kwargs: {"overall": next(scripted)})
     model, selection = train_linear(cfg, splits, CPU, run, backbone, resume=False)
     assert selection == {"selected_on": "val", "best_epoch": 2, "best_val_top1": 50.0}
@@ -186,8 +187,8 @@ def test_cached_stage2_feeds_standardised_clean_features(tmp_path, tiny_override
             self.fc.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
 
     labels = []
-    monkeypatch.setattr(linear_module, "F", recording_cross_entropy(labels))
-    monkeypatch.setattr(linear_module, "Classifier", RecordingClassifier)
+    monkeypatch.setattr(linear_module, "classifier_loss", recording_cross_entropy(labels))
+    monkeypatch.setattr(linear_module, "build_classifier", RecordingClassifier)  # one expert
     model, _ = train_linear(cfg, splits, CPU, run, backbone, resume=False)
     rows = torch.cat([x for x in seen if x.shape[0] == cfg.linear.batch_size])  # training batches, not validation
     assert rows.shape[0] == 2 * 3 * cfg.linear.batch_size

@@ -38,7 +38,9 @@ def build_expert_stage1_model(cfg: Config, num_classes: int) -> MultiExpertContr
         backbone.freeze_early_stages()
     p = cfg.pretrain
     return MultiExpertContrast(backbone, feature_dim=cfg.model.feature_dim, queue_size=p.queue_size,
-                               momentum=p.ema_momentum, key_bn_groups=p.key_bn_groups, patch_bn_stats=p.patch_bn_stats)
+                               momentum=p.ema_momentum, key_bn_groups=p.key_bn_groups, patch_bn_stats=p.patch_bn_stats,
+                               num_classes=num_classes if p.queue_sampling == "balanced" else None,
+                               teacher=None if p.patch_mode == "multicrop" else p.pbsd_teacher)
 
 
 class _OneExpert:

@@ -23,7 +23,7 @@ from ..analysis.tensorboard import step_scalars
 from ..config import Config
 from ..data import DataSplits
 from ..errors import ConfigError, NumericalError
-from ..losses import decoupled_supcon_loss, key_probability, patch_distillation_loss
+from ..losses import decoupled_supcon_loss, effective_number_weights, key_probability, patch_distillation_loss
 from ..models import Classifier, MomentumContrast, build_backbone
 from .distributed import Runtime, all_gather_cat, all_reduce_sum
 from .loaders import EpochBatches, shuffled_order, steps_per_epoch
@@ -46,7 +46,16 @@ def build_stage1_model(cfg: Config, num_classes: int) -> nn.Module:
     p = cfg.pretrain
     return MomentumContrast(backbone, feature_dim=cfg.model.feature_dim, queue_size=p.queue_size,
                             momentum=p.ema_momentum, key_bn_groups=p.key_bn_groups,
-                            patch_bn_stats=p.patch_bn_stats)
+                            patch_bn_stats=p.patch_bn_stats,
+                            num_classes=num_classes if p.queue_sampling == "balanced" else None,
+                            teacher=None if p.patch_mode == "multicrop" else p.pbsd_teacher)
+
+
+def anchor_weights(cfg: Config, train_counts) -> torch.Tensor | None:
+    """Per-class weights of the contrastive anchors (``pretrain.reweight``), or None."""
+    if cfg.pretrain.reweight == "none":
+        return None
+    return effective_number_weights(torch.as_tensor(train_counts), cfg.pretrain.reweight_beta)
 
 
 def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
@@ -59,8 +68,14 @@ def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
 
 @per_expert  # a multi-expert model: this loss for each expert, then their mean (engine/experts.py)
 def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
-                  supcon=decoupled_supcon_loss, pbsd=patch_distillation_loss) -> tuple[torch.Tensor, dict]:
-    """Loss of one batch and its parts, for any method (``supcon`` / ``pbsd``: the loss functions).
+                  supcon=decoupled_supcon_loss, pbsd=patch_distillation_loss,
+                  class_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Loss of one batch and its parts, for any method (``supcon`` / ``pbsd``: the loss functions;
+    ``class_weight``: (C,) weights of the anchors by class, see :func:`anchor_weights`).
+
+    ``pretrain.patch_mode: multicrop`` replaces the distillation term by the contrastive loss of
+    each crop index j, the crops ``s[:, j]`` standing as anchors whose own key is their image's
+    ``k_i``: ``loss = L(z) + lambda * mean_j L(s_j)``.
 
     With ``precision: bf16`` the networks run under autocast; the losses always run in float32
     on float32 features (logits over a large queue at tau = 0.07 need the mantissa).
@@ -80,12 +95,20 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
                     boxes.to(device) if use_patches else None)
     queue = _unwrap(model).queue
     key = out.key.float()
+    weight = None if class_weight is None else class_weight.to(device)[labels]
     contrast = supcon(out.query.float(), key, labels, queue.keys, queue.labels,
-                      alpha=cfg.alpha, temperature=cfg.pretrain.temperature)
+                      alpha=cfg.alpha, temperature=cfg.pretrain.temperature, weight=weight)
     parts = {"contrast": contrast, "p_key": key_probability(out.query.detach().float(), key, queue.keys, queue.labels,
                                                           cfg.pretrain.temperature)}
     loss = contrast
-    if use_patches:
+    if use_patches and cfg.pretrain.patch_mode == "multicrop":
+        crops = out.student.float()
+        multicrop = torch.stack([supcon(crops[:, j], key, labels, queue.keys, queue.labels, alpha=cfg.alpha,
+                                        temperature=cfg.pretrain.temperature, weight=weight)
+                                 for j in range(crops.shape[1])]).mean()
+        loss = loss + cfg.pretrain.pbsd_weight * multicrop
+        parts["multicrop"] = multicrop
+    elif use_patches:
         distill = pbsd(out.teacher.float(), out.student.float(), key, queue.keys, queue.labels,
                        temperature=cfg.pretrain.temperature)
         loss = loss + cfg.pretrain.pbsd_weight * distill
@@ -167,6 +190,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         done = run.load(final)
         if done.get("epochs") == p.epochs:
             run.metrics = done["metrics"]
+            run.write_metrics()
             return done["model"], False
     seed_everything(mix_seed(cfg.seed, 0))  # the initial weights depend on the seed alone
     model = prepare_model(build_stage1_model(cfg, splits.num_classes).to(rt.device), cfg)
@@ -191,6 +215,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         run.log(f"warning: pretrain.queue_size {p.queue_size} exceeds the {len(splits.train)} training images: "
                 f"the queue then holds stale keys of the anchor's own image, which count as its positives")
     health = KnnMonitor(cfg, splits, rt, run)
+    class_weight = anchor_weights(cfg, splits.train_counts)
     net = DistributedDataParallel(model) if rt.distributed else model
     batches = EpochBatches(cfg, splits.train, lambda on_device: stage1_transform(cfg, splits.image_size, on_device),
                            rt, batch=local_batch, seed=cfg.seed)
@@ -214,7 +239,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
             lr = warmup_cosine(base_lr, epoch * steps + step, total_steps, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, parts = stage1_losses(net, batch, cfg, rt.device)
+            loss, parts = stage1_losses(net, batch, cfg, rt.device, class_weight=class_weight)
             stop_if_not_finite(loss, f"stage 1, epoch {epoch + 1}, step {step + 1}",
                                f"the last good checkpoint is {run.checkpoint('pretrain_last')}")
             optimizer.zero_grad(set_to_none=True)

@@ -85,14 +85,20 @@ class RunDir:
         self.metrics.append(row)
         if not self.is_main:
             return
+        self.write_metrics()
+        self.log(" ".join(f"{k}={v}" for k, v in row.items()))
+        epoch_scalars(self, row)  # TensorBoard, when logging.tensorboard is on
+
+    def write_metrics(self) -> None:
+        """metrics.csv from the rows held (e.g. a reused stage 1's, which no epoch here adds)."""
+        if not self.is_main:
+            return
         columns = list(dict.fromkeys(k for r in self.metrics for k in r))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns)
         writer.writeheader()
         writer.writerows(self.metrics)
         atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
-        self.log(" ".join(f"{k}={v}" for k, v in row.items()))
-        epoch_scalars(self, row)  # TensorBoard, when logging.tensorboard is on
 
     def log(self, message: str) -> None:
         if not self.is_main:

@@ -24,7 +24,7 @@ STAGES = ("pretrain", "linear", "evaluate")
 def load_data(cfg: Config) -> DataSplits:
     d = cfg.data
     splits = build_splits(d.name, d.root, imbalance_ratio=d.imbalance_ratio, val_per_class=cfg.val_per_class,
-                          download=d.download, seed=cfg.seed, skip_bad_images=d.skip_bad_images,
+                          download=d.download, seed=cfg.seed, skip_bad_images=d.skip_bad_images, profile=d.profile,
                           synthetic_options={"num_classes": d.synthetic_classes, "n_max": d.synthetic_n_max,
                                              "n_per_class_eval": d.synthetic_eval_per_class})
     if d.image_size:
