@@ -356,6 +356,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from exc
 
 
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"dotted.key": value}`` (tuples as lists)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
 def config_from_dict(values: dict) -> Config:
     """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a run's config.yaml)."""
     return load_config(base=values)

@@ -20,6 +20,7 @@ import yaml
 
 from .analysis.figures import figure_png
 from .analysis.plots import curves_figure, per_class_figure, read_metrics, read_results
+from .config import flatten_config
 from .engine.checkpoint import atomic_write_text
 from .errors import ConfigError
 
@@ -71,16 +72,6 @@ def _names(paths: list[Path]) -> list[str]:
     return [str(p) for p in paths]
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 class _Absent:
     def __repr__(self) -> str:
         return "(absent)"
@@ -91,7 +82,7 @@ ABSENT = _Absent()  # a key a run's config.yaml does not have (written before th
 
 def config_differences(runs: list[RunSummary]) -> list[tuple[str, list]]:
     """(key, one value per run) for every key whose value is not the same in all runs."""
-    flats = [flatten(r.config) for r in runs]
+    flats = [flatten_config(r.config) for r in runs]
     keys = list(dict.fromkeys(k for f in flats for k in f))
     return [(k, [f.get(k, ABSENT) for f in flats]) for k in keys if len({repr(f.get(k, ABSENT)) for f in flats}) > 1]
 
@@ -151,7 +142,7 @@ def build_report(run_dirs: list[str | Path]) -> str:
     if len(runs) == 1:
         parts.append('<p class="note">One run: nothing to compare; its configuration:</p>')
         parts.append(_table(["key", "value"], [[f"<code>{html.escape(k)}</code>", html.escape(repr(v))]
-                                               for k, v in flatten(runs[0].config).items()]))
+                                               for k, v in flatten_config(runs[0].config).items()]))
     elif diffs:
         parts.append(_table(["key", *[html.escape(r.name) for r in runs]],
                             [[f"<code>{html.escape(k)}</code>", *[html.escape(repr(v)) for v in values]]

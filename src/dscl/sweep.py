@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import config_from_dict, load_config, parse_override
-from .engine.checkpoint import atomic_write_bytes, atomic_write_text
+from .config import config_from_dict, flatten_config, load_config, parse_override
+from .engine.checkpoint import atomic_write_text
 from .engine.rundir import RunDir
 from .errors import ConfigError, DSCLError
 
@@ -191,7 +191,7 @@ def _reuse_stage1(path: Path, config: dict, candidates: list[Path]) -> None:
     of training it again; its log says where the copy came from."""
     if (path / "config.yaml").is_file():
         return
-    mine = _comparable(_flat(config), "linear.")
+    mine = _comparable(flatten_config(config), "linear.")
     for other in candidates:
         done = other / "checkpoints" / "pretrain.pt"
         saved = _saved_config(other)
@@ -210,23 +210,13 @@ def _finished(path: Path) -> bool:
     return (path / "results.json").is_file() or (path / "error.txt").is_file()
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
 def _saved_config(path: Path) -> dict | None:
     """A run folder's config, flat; keys added to dscl since it was written take their defaults."""
     saved = path / "config.yaml"
     if not saved.is_file():
         return None
     try:
-        return _flat(config_from_dict(yaml.safe_load(saved.read_text()) or {}).to_dict())
+        return flatten_config(config_from_dict(yaml.safe_load(saved.read_text()) or {}).to_dict())
     except (ConfigError, yaml.YAMLError) as exc:
         raise ConfigError(f"{saved}: {exc}") from None
 
@@ -240,7 +230,7 @@ def _comparable(flat: dict, *skip: str) -> dict:
 def _check_same(path: Path, config: dict) -> None:
     saved = _saved_config(path)
     if saved is not None:
-        saved, current = _comparable(saved), _comparable(_flat(config))
+        saved, current = _comparable(saved), _comparable(flatten_config(config))
         diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
                  if saved.get(k) != current.get(k)]
         if diffs:
@@ -346,12 +336,9 @@ def _write_curve(out: Path, key: str, values: list[str], rows: list[dict]) -> No
     columns = ("overall", "many", "medium", "few")
     _write_csv(out / "curve.csv", [{key: x, **{c: r[c] for c in columns}, **{f"{c}_std": r[f"{c}_std"] for c in columns}}
                                    for x, r in zip(xs, rows)])
-    import matplotlib
+    from .analysis.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for c in columns:
         points = [(x, r[c]) for x, r in zip(xs, rows) if r[c] is not None]
         if points:
@@ -362,23 +349,14 @@ def _write_curve(out: Path, key: str, values: list[str], rows: list[dict]) -> No
         ax.plot(list(paper), list(paper.values()), "k*", markersize=10, label="paper, ImageNet-LT overall")
     ax.set_xlabel(key)
     ax.set_ylabel("test top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(out / "curve.png", lambda fh: fh.write(buffer.getvalue()))
+    _finish(fig, ax, out / "curve.png")
 
 
 def plot_per_class(path: Path, curves: list[tuple[str, list[int], list[float]]]) -> None:
     """Per-class test accuracy against training-set size (log x), one line per combination."""
-    import matplotlib
+    from .analysis.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for name, counts, accuracy in curves:
         order = sorted(range(len(counts)), key=lambda c: counts[c])
         ax.plot([counts[c] for c in order], [accuracy[c] for c in order], marker="o", markersize=3, label=name)
@@ -387,12 +365,16 @@ def plot_per_class(path: Path, curves: list[tuple[str, list[int], list[float]]])
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log scale); dotted: Few | Medium | Many")
     ax.set_ylabel("test top-1 of the class (%)")
+    _finish(fig, ax, path)
+
+
+def _finish(fig, ax, path: Path) -> None:
+    """Grid, legend, tight layout; then the PNG, written atomically."""
+    from .analysis.figures import save_figure
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, lambda fh: fh.write(buffer.getvalue()))
+    save_figure(fig, path, dpi=110)
 
 
