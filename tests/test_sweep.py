@@ -99,7 +99,9 @@ def test_a_run_held_by_a_live_process_is_left_alone(tmp_path, tiny_overrides, mo
 
 def test_table1_layout_every_variant_and_a_curve_end_to_end(tmp_path, tiny_overrides):
     out = tmp_path / "ablations"
-    sets = [x for o in tiny_overrides + ["pretrain.knn_every=0", "linear.augment=false"] for x in ("--set", o)]
+    fast = ["pretrain.knn_every=0", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "linear.augment=false",
+            "linear.epochs=1", "linear.milestones=[]"]  # nine runs: one epoch of each stage is enough here
+    sets = [x for o in tiny_overrides + fast for x in ("--set", o)]
     common = ["sweep", *sets, "--seeds", "0", "--out", str(out)]
     assert main(common + ["--layout", "table1"]) == 0
     rows = list(csv.DictReader((out / "table1.csv").open()))
