@@ -1,4 +1,4 @@
-"""Command-line interface: ``dscl run | pretrain | linear | evaluate | sweep | demo | bench | predict | export``.
+"""Command-line interface: ``dscl run | pretrain | linear | evaluate | predict | export | demo | sweep | bench | analyze | report``.
 
 Every training command takes ``--config FILE`` (a YAML recipe), repeated ``--set key=value``
 overrides and ``--out DIR``. Errors the user can fix are printed as one message, no traceback.
