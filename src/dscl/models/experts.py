@@ -32,7 +32,7 @@ from torchvision.ops import roi_align
 
 from .backbones import Backbone, CifarResNet, TorchvisionResNet, _CifarBlock, build_backbone
 from .heads import Classifier, FeatureStandardizer, ProjectionHead
-from .momentum import ContrastOutput, _group_batchnorms, _shuffle, frozen_running_stats
+from .momentum import ContrastOutput, _group_batchnorms, _shuffle, frozen_running_stats, momentum_update
 from .queue import ClassBalancedQueue, LabelledQueue
 
 
@@ -180,11 +180,8 @@ class MultiExpertContrast(nn.Module):
         return zip([*self.encoder.parameters(), *self.heads.parameters()],
                    [*self.key_encoder.parameters(), *self.key_heads.parameters()])
 
-    @torch.no_grad()
     def momentum_update(self) -> None:
-        """theta_k <- m * theta_k + (1 - m) * theta_q, parameters only (BN buffers untouched)."""
-        query, key = zip(*self.query_pairs())
-        torch._foreach_lerp_(list(key), list(query), 1.0 - self.momentum)
+        momentum_update(self.query_pairs(), self.momentum)
 
     @torch.no_grad()
     def encode_keys(self, key_view: Tensor) -> list[Tensor]:

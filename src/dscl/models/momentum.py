@@ -99,11 +99,8 @@ class MomentumContrast(nn.Module):
         return zip([*self.encoder.parameters(), *self.head.parameters()],
                    [*self.key_encoder.parameters(), *self.key_head.parameters()])
 
-    @torch.no_grad()
     def momentum_update(self) -> None:
-        """theta_k <- m * theta_k + (1 - m) * theta_q, parameters only (BN buffers untouched)."""
-        query, key = zip(*self.query_pairs())
-        torch._foreach_lerp_(list(key), list(query), 1.0 - self.momentum)
+        momentum_update(self.query_pairs(), self.momentum)
 
     @torch.no_grad()
     def encode_keys(self, key_view: Tensor) -> Tensor:
@@ -143,6 +140,14 @@ class MomentumContrast(nn.Module):
         pooled = roi_align(feature_map, list(boxes.to(feature_map.dtype).unbind(0)), output_size=2,
                            spatial_scale=1.0 / self.encoder.stride, sampling_ratio=2, aligned=True)
         return F.normalize(self.head(pooled.mean((2, 3))), dim=1).view(b, l, -1)
+
+
+@torch.no_grad()
+def momentum_update(pairs, momentum: float) -> None:
+    """theta_k <- m * theta_k + (1 - m) * theta_q over (query, key) parameter pairs; parameters
+    only (BN buffers untouched)."""
+    query, key = zip(*pairs)
+    torch._foreach_lerp_(list(key), list(query), 1.0 - momentum)
 
 
 @contextlib.contextmanager
