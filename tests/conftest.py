@@ -1,6 +1,7 @@
 """Shared fixtures: tiny run settings that finish in seconds on a CPU."""
 
 import pytest
+import torch
 
 # A few steps of everything on a small synthetic set: for end-to-end and resume tests.
 TINY = [
@@ -15,3 +16,25 @@ TINY = [
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+def _check_patch_boxes(boxes: torch.Tensor, size: int, scale: tuple[float, float]) -> None:
+    """PBSD patch boxes (N, 4) as x1, y1, x2, y2 pixels of a size x size view: whole pixels, inside
+    the view, area fraction in ``scale`` and uniform over it, aspect ratio in [3/4, 4/3], and
+    (over many draws) touching every edge of the view."""
+    boxes = boxes.double()
+    x1, y1, x2, y2 = boxes.unbind(1)
+    assert torch.equal(boxes, boxes.round())
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= size).all() and (y2 <= size).all()
+    w, h = x2 - x1, y2 - y1
+    area = w * h / size**2
+    assert (area >= scale[0]).all() and (area <= scale[1]).all()
+    assert (w / h >= 3 / 4).all() and (w / h <= 4 / 3).all()
+    assert abs(area.mean().item() - sum(scale) / 2) < 0.02  # uniform in the range
+    assert x1.min() == 0 and y1.min() == 0 and x2.max() == size and y2.max() == size
+
+
+@pytest.fixture
+def check_patch_boxes():
+    """The property check shared by the per-image and the batched patch samplers."""
+    return _check_patch_boxes
