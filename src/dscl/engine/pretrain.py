@@ -145,9 +145,16 @@ def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.compile:
+        # The method every call goes through is what gets compiled: forward_features (the query
+        # view calls it directly, the crops and keys through forward), or expert_maps for a
+        # multi-expert backbone. Compiling the module alone left the query view eager beside
+        # compiled crops, and a BatchNorm run eagerly and compiled in one step fails autograd's
+        # in-place check on its running statistics.
         for name in ("encoder", "key_encoder", "backbone"):
             if hasattr(model, name):
-                getattr(model, name).compile()
+                module = getattr(model, name)
+                entry = "expert_maps" if hasattr(module, "expert_maps") else "forward_features"
+                setattr(module, entry, torch.compile(getattr(module, entry)))
     return model
 
 
