@@ -6,8 +6,6 @@ compiled, so the query view, the patch crops and the keys all run compiled. The 
 default backend, without its minutes of C++ code generation on a CPU.
 """
 
-import functools
-
 import pytest
 import torch
 
@@ -17,10 +15,11 @@ from dscl.engine.pretrain import build_stage1_model, prepare_model, stage1_losse
 SMALL = ["pretrain.batch_size=4", "pretrain.queue_size=16", "pretrain.num_patches=2", "pretrain.key_bn_groups=2"]
 
 
-def step(cfg, compiled: bool):
+def step(experts: int, compiled: bool):
+    """Loss and gradients of one DSCL + PBSD step from fixed weights, batch and key shuffle."""
+    cfg = load_config(None, ["method=dscl+pbsd", f"compile={str(compiled).lower()}", f"model.experts={experts}", *SMALL])
     torch.manual_seed(0)
-    model = prepare_model(build_stage1_model(cfg, num_classes=3), cfg if compiled else load_config(
-        base={**cfg.to_dict(), "compile": False}))
+    model = prepare_model(build_stage1_model(cfg, num_classes=3), cfg)
     g = torch.Generator().manual_seed(1)
     views = (torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g),
              torch.randn(4, 2, 3, 16, 16, generator=g),
@@ -33,10 +32,17 @@ def step(cfg, compiled: bool):
 
 @pytest.mark.parametrize("experts", [1, 3])
 def test_compiled_pbsd_step_equals_the_eager_one(experts, monkeypatch):
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    cfg = load_config(None, ["method=dscl+pbsd", "compile=true", f"model.experts={experts}", *SMALL])
-    eager, loss, grads = step(cfg, compiled=False)
-    compiled, compiled_loss, compiled_grads = step(cfg, compiled=True)
+    compiled_names, real_compile = [], torch.compile
+
+    def compile_(fn, **kwargs):
+        compiled_names.append(fn.__name__)
+        return real_compile(fn, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    eager, loss, grads = step(experts, compiled=False)
+    assert compiled_names == []
+    compiled, compiled_loss, compiled_grads = step(experts, compiled=True)
+    assert compiled_names == 2 * ["forward_features" if experts == 1 else "expert_maps"]  # query and key encoders
     torch.testing.assert_close(compiled_loss, loss)
     for a, b in zip(compiled_grads, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
