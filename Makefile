@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/dscl demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n auto tests   # one worker process per core (pytest-xdist)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,7 +1,14 @@
 """Shared fixtures: tiny run settings that finish in seconds on a CPU."""
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # under `pytest -n N` each worker (and each process it starts) takes one thread, not one per core
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # A few steps of everything on a small synthetic set: for end-to-end and resume tests.
 TINY = [

@@ -131,7 +131,7 @@ def test_full_image_patch_scale_changes_only_the_patches():
         views[scale] = transform(images, generator=torch.Generator().manual_seed(1))
     (q0, k0, p0, b0), (q1, k1, p1, b1) = views[(0.05, 0.6)], views[(1.0, 1.0)]
     assert torch.equal(q0, q1) and torch.equal(k0, k1)
-    assert not torch.equal(p0, p1)
+    assert not torch.equal(p0, p1) and not torch.equal(b0, b1)
     assert torch.equal(b1, torch.tensor([0.0, 0.0, 32.0, 32.0]).expand_as(b1))
 
 
