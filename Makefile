@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pip takes torch from the local wheel cache where one is configured, from PyPI otherwise.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n auto tests   # one worker process per core (pytest-xdist)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks   # rules in pyproject.toml [tool.ruff]
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

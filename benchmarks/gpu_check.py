@@ -45,7 +45,8 @@ def bench_cases(smoke: bool) -> list[list[str]]:
     for recipe in sizes:
         for precision in ("fp32", "bf16"):
             for reference in (False, True):
-                cases.append([*recipe, f"precision={precision}", "method=dscl+pbsd"] + (["--reference"] if reference else []))
+                cases.append([*recipe, f"precision={precision}", "method=dscl+pbsd"]
+                             + (["--reference"] if reference else []))
     return cases
 
 
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
             sets = ["method=dscl+pbsd", "data.name=imagefolder", f"data.root={root}", "data.imbalance_ratio=100",
                     "data.val_per_class=20", "data.pipeline=tensor", "model.backbone=resnet32",
                     f"pretrain.epochs={epochs}", "pretrain.batch_size=256", "pretrain.lr=0.1",
-                    "pretrain.warmup_epochs=1", "pretrain.queue_size=4096", "pretrain.patch_size=16", "pretrain.ema_momentum=0.99",
+                    "pretrain.warmup_epochs=1", "pretrain.queue_size=4096", "pretrain.patch_size=16",
+                    "pretrain.ema_momentum=0.99",
                     f"linear.epochs={1 if args.smoke else 10}", "linear.batch_size=512", "linear.lr=0.1",
                     "linear.milestones=[7]", "checkpoint_every_steps=0"]
             if args.smoke:

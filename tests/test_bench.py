@@ -66,4 +66,5 @@ def test_dense_reference_losses_agree_with_factorised_ones():
         torch.testing.assert_close(dense_decoupled_supcon_loss(q, k, y, queue, qy, alpha),
                                    decoupled_supcon_loss(q, k, y, queue, qy, alpha))
     t, s = (F.normalize(torch.randn(12, 3, 16, generator=g), dim=2) for _ in range(2))
-    torch.testing.assert_close(dense_patch_distillation_loss(t, s, k, queue, qy), patch_distillation_loss(t, s, k, queue, qy))
+    torch.testing.assert_close(dense_patch_distillation_loss(t, s, k, queue, qy),
+                               patch_distillation_loss(t, s, k, queue, qy))

@@ -105,11 +105,13 @@ def test_table1_layout_every_variant_and_a_curve_end_to_end(tmp_path, tiny_overr
     common = ["sweep", *sets, "--seeds", "0", "--out", str(out)]
     assert main(common + ["--layout", "table1"]) == 0
     rows = list(csv.DictReader((out / "table1.csv").open()))
-    assert [r["combination"] for r in rows] == ["SCL (baseline)", "DSCL", "SCL + PBSD", "DSCL + PBSD* (global-view teacher)",
+    assert [r["combination"] for r in rows] == ["SCL (baseline)", "DSCL", "SCL + PBSD",
+                                                "DSCL + PBSD* (global-view teacher)",
                                                 "DSCL + PBSD† (multi-crop instead)", "DSCL + PBSD"]
     assert all(r["runs"] == "1" and r["failed"] == "0" for r in rows)
     assert [float(r["paper_overall"]) for r in rows] == [51.2, 52.6, 56.3, 56.2, 56.1, 57.7]
-    header = (out / "method-dscl-pbsd_pretrain.patch_mode-multicrop" / "seed0" / "metrics.csv").read_text().splitlines()[0]
+    header = (out / "method-dscl-pbsd_pretrain.patch_mode-multicrop" / "seed0"
+              / "metrics.csv").read_text().splitlines()[0]
     assert "multicrop" in header.split(",") and "pbsd" not in header.split(",")
     table = (out / "table1.md").read_text()
     (out / "table1.md").unlink()

@@ -89,10 +89,12 @@ def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: 
     patch_units = 3 * num_patches * (p / size) ** 2 if cfg.uses_pbsd else 0.0
     flop_ratio = (3 + 1 + patch_units) / 3
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)"),
         "method": cfg.method, "variant": "reference" if reference else "optimised", "backbone": cfg.model.backbone,
         "image_size": size, "patch_size": p, "num_patches": num_patches, "batch_size": b,
-        "queue_size": cfg.pretrain.queue_size, "images_per_s": round(b / step_ms * 1000, 2), "step_ms": round(step_ms, 2),
+        "queue_size": cfg.pretrain.queue_size, "images_per_s": round(b / step_ms * 1000, 2),
+        "step_ms": round(step_ms, 2),
         "peak_mem_mb": round(peak, 1), "ce_images_per_s": round(b / ce_ms * 1000, 2), "ce_step_ms": round(ce_ms, 2),
         "flop_ratio": round(flop_ratio, 3), "measured_ratio": round(step_ms / ce_ms, 3),
         "precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,

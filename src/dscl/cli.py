@@ -1,4 +1,5 @@
-"""Command-line interface: ``dscl run | pretrain | linear | evaluate | predict | export | demo | sweep | bench | analyze | report``.
+"""Command-line interface:
+``dscl run | pretrain | linear | evaluate | predict | export | demo | sweep | bench | analyze | report``.
 
 Every training command takes ``--config FILE`` (a YAML recipe), repeated ``--set key=value``
 overrides and ``--out DIR``. Errors the user can fix are printed as one message, no traceback.
@@ -23,7 +24,8 @@ def _training_args(parser: argparse.ArgumentParser, out_required: bool = True) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dscl", description="Decoupled contrastive learning for long-tailed recognition")
+    parser = argparse.ArgumentParser(prog="dscl",
+                                     description="Decoupled contrastive learning for long-tailed recognition")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in [("run", "stage 1, stage 2 and evaluation"), ("pretrain", "stage 1 only"),
                        ("linear", "stage 2 on the stage-1 checkpoint in --out"),
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         _training_args(sub.add_parser(name, help=text, description=text), out_required=name != "evaluate")
     _reuse_args(sub)
     demo = sub.add_parser("demo", help="train ce, scl, dscl and dscl+pbsd on the embedded synthetic data and compare")
-    demo.add_argument("--out", type=Path, default=None, help="parent folder of the four runs (default runs/demo-<time>)")
+    demo.add_argument("--out", type=Path, default=None,
+                      help="parent folder of the four runs (default runs/demo-<time>)")
     demo.add_argument("--methods", nargs="+", default=None, help="subset of methods to run")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sweep = sub.add_parser("sweep", help="every combination of a grid of config values x seeds, with a summary",
@@ -77,7 +80,8 @@ def _reuse_args(sub) -> None:
     predict.add_argument("--format", choices=["table", "json", "csv"], default="table")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    export = sub.add_parser("export", help="a finished run's classifier as a torchvision state dict, TorchScript or ONNX")
+    export = sub.add_parser("export",
+                            help="a finished run's classifier as a torchvision state dict, TorchScript or ONNX")
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     export.add_argument("--format", choices=["torchvision", "torchscript", "onnx"], required=True)
     export.add_argument("--out", type=Path, required=True, metavar="FILE")
@@ -136,7 +140,8 @@ def _analysis_args(sub) -> None:
             "and DSCL, against class size, with the theory 1/|P_i| and alpha/(1-alpha) (Fig. 2); numbers in .json")
     gradients = kinds.add_parser("gradients", parents=[common], help=text, description=text)
     gradients.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    gradients.add_argument("--checkpoint", type=Path, help="a stage-1 checkpoint of this run (default checkpoints/pretrain.pt)")
+    gradients.add_argument("--checkpoint", type=Path,
+                           help="a stage-1 checkpoint of this run (default checkpoints/pretrain.pt)")
     gradients.add_argument("--init", action="store_true", help="the run's initial weights instead of a checkpoint")
     gradients.add_argument("--alpha", type=float, help="DSCL's alpha (default the run's; 0.1 for an scl run)")
     gradients.add_argument("--batches", type=int, default=20, help="training batches measured (default 20)")

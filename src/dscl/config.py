@@ -199,7 +199,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. a folder named 2018
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    if (hint in (int, float, str, bool)
+            and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool)))):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
 
@@ -257,7 +258,8 @@ def validate(cfg: Config) -> Config:
         (cfg.pretrain.pbsd_teacher in ("roi", "global"), "pretrain.pbsd_teacher", "must be roi or global"),
         (cfg.pretrain.patch_mode in ("pbsd", "multicrop"), "pretrain.patch_mode", "must be pbsd or multicrop"),
         (cfg.pretrain.queue_sampling in ("fifo", "balanced"), "pretrain.queue_sampling", "must be fifo or balanced"),
-        (cfg.pretrain.reweight in ("none", "effective_number"), "pretrain.reweight", "must be none or effective_number"),
+        (cfg.pretrain.reweight in ("none", "effective_number"), "pretrain.reweight",
+         "must be none or effective_number"),
         (0.0 <= cfg.pretrain.reweight_beta < 1.0, "pretrain.reweight_beta", "must lie in [0, 1)"),
         (cfg.uses_pbsd or (cfg.pretrain.pbsd_teacher == "roi" and cfg.pretrain.patch_mode == "pbsd"),
          "pretrain.pbsd_teacher / pretrain.patch_mode", f"change the patch term, which method {cfg.method!r} has not "
@@ -278,7 +280,8 @@ def validate(cfg: Config) -> Config:
          "must be >= 1 (or null)"),
         (cfg.linear.steps_per_epoch is None or cfg.linear.steps_per_epoch >= 1, "linear.steps_per_epoch",
          "must be >= 1 (or null)"),
-        (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "device", "must be auto, cpu, cuda, cuda:N or mps"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "device",
+         "must be auto, cpu, cuda, cuda:N or mps"),
     ]
     for section in ("pretrain", "linear"):
         sub = getattr(cfg, section)

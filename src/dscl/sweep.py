@@ -313,7 +313,8 @@ def format_summary(rows: list[dict], seeds: list[int], select: str | None = None
     lines = [f"seeds {', '.join(map(str, seeds))}; mean ± std over the finished runs (a single run: its value)"
              + ("; * best validation accuracy" if select == "val" else "")
              + ("; paper: overall top-1 the paper reports on ImageNet-LT (ResNet-50)" if paper else ""), "",
-             "| combination | runs | Many | Medium | Few | Overall | val | training time (s) |" + (" paper |" if paper else ""),
+             "| combination | runs | Many | Medium | Few | Overall | val | training time (s) |"
+             + (" paper |" if paper else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if paper else "")]
     for r in rows:
         mark = " *" if r.get("selected") else ""
@@ -334,7 +335,8 @@ def _write_curve(out: Path, key: str, values: list[str], rows: list[dict]) -> No
     except ValueError:
         return
     columns = ("overall", "many", "medium", "few")
-    _write_csv(out / "curve.csv", [{key: x, **{c: r[c] for c in columns}, **{f"{c}_std": r[f"{c}_std"] for c in columns}}
+    _write_csv(out / "curve.csv", [{key: x, **{c: r[c] for c in columns},
+                                    **{f"{c}_std": r[f"{c}_std"] for c in columns}}
                                    for x, r in zip(xs, rows)])
     from .analysis.figures import pyplot
 

@@ -17,7 +17,8 @@ from dscl.errors import ConfigError
 from dscl.losses import decoupled_supcon_loss, effective_number_weights, patch_distillation_loss
 
 COUNTS = [40, 12, 4]  # training images per class of the constructed case
-BASE = ["method=dscl+pbsd", "pretrain.batch_size=6", "pretrain.queue_size=24", "pretrain.num_patches=2", "pretrain.key_bn_groups=1"]
+BASE = ["method=dscl+pbsd", "pretrain.batch_size=6", "pretrain.queue_size=24", "pretrain.num_patches=2",
+        "pretrain.key_bn_groups=1"]
 
 
 def batch(seed=0, b=6, size=32, patch=16, num=2):

@@ -82,7 +82,8 @@ def test_refuses_to_overwrite_or_resume_another_run(tmp_path, tiny_overrides, ca
     before = (out / "results.json").read_bytes()
     assert run_cli("run", "--out", out, *sets) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert run_cli("run", "--out", out, "--resume", *sets, "--set", "method=scl", "--set", "pretrain.queue_size=32") == 2
+    assert run_cli("run", "--out", out, "--resume", *sets,
+                   "--set", "method=scl", "--set", "pretrain.queue_size=32") == 2
     err = capsys.readouterr().err
     assert "method: 'dscl' -> 'scl'" in err and "pretrain.queue_size: 24 -> 32" in err
     assert (out / "results.json").read_bytes() == before

@@ -17,7 +17,8 @@ SMALL = ["pretrain.batch_size=4", "pretrain.queue_size=16", "pretrain.num_patche
 
 def step(experts: int, compiled: bool):
     """Loss and gradients of one DSCL + PBSD step from fixed weights, batch and key shuffle."""
-    cfg = load_config(None, ["method=dscl+pbsd", f"compile={str(compiled).lower()}", f"model.experts={experts}", *SMALL])
+    cfg = load_config(None, ["method=dscl+pbsd", f"compile={str(compiled).lower()}", f"model.experts={experts}",
+                             *SMALL])
     torch.manual_seed(0)
     model = prepare_model(build_stage1_model(cfg, num_classes=3), cfg)
     g = torch.Generator().manual_seed(1)

@@ -47,8 +47,8 @@ def test_key_probability_matches_the_definition():
 
 def test_patch_crops_stay_out_of_the_running_statistics():
     # Bug caught: 16-px crops updating the BN running statistics used later on 32-px images.
-    cfg = load_config(None, ["method=dscl+pbsd", "pretrain.queue_size=64", "pretrain.batch_size=4", "pretrain.num_patches=2",
-                             "pretrain.key_bn_groups=2"])
+    cfg = load_config(None, ["method=dscl+pbsd", "pretrain.queue_size=64", "pretrain.batch_size=4",
+                             "pretrain.num_patches=2", "pretrain.key_bn_groups=2"])
     boxes = torch.tensor([0.0, 0.0, 16.0, 16.0]).repeat(4, 2, 1)
     views = (torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 2, 3, 16, 16) * 5 + 3)
 

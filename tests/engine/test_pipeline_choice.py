@@ -38,7 +38,7 @@ def test_the_choice_is_in_the_log(tmp_path, tiny_overrides):
                 Image.fromarray(np.random.RandomState(n + 10 * c).randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(
                     root / split / f"class{c}" / f"{n}.png")
     out = tmp_path / "run"
-    overrides = tiny_overrides + ["method=ce", "data.name=imagefolder", f"data.root={root}", "data.imbalance_ratio=null",
-                                  "pretrain.epochs=1"]
+    overrides = tiny_overrides + ["method=ce", "data.name=imagefolder", f"data.root={root}",
+                                  "data.imbalance_ratio=null", "pretrain.epochs=1"]
     assert main(["pretrain", "--out", str(out), *[x for o in overrides for x in ("--set", o)]]) == 0
     assert "data path: on-device batches (auto: 32x32-px images)" in (out / "log.txt").read_text()

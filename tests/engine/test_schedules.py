@@ -44,7 +44,8 @@ def test_alpha_of_each_method(method, overrides, expected):
         assert alpha == pytest.approx(expected, abs=1e-12)
 
 
-STAGE1 = ["pretrain.batch_size=4", "pretrain.queue_size=16", "pretrain.key_bn_groups=2", "pretrain.num_patches=2", "model.feature_dim=16"]
+STAGE1 = ["pretrain.batch_size=4", "pretrain.queue_size=16", "pretrain.key_bn_groups=2", "pretrain.num_patches=2",
+          "model.feature_dim=16"]
 
 
 @pytest.mark.parametrize("method, overrides, expected", [

@@ -17,12 +17,18 @@ def reference_loss(query, key, labels, queue, queue_labels, alpha, tau, anchor_w
         candidates, cand_labels, is_own_key = [], [], []
         for b in range(batch):
             if b != i:
-                candidates.append(query[b]); cand_labels.append(int(labels[b])); is_own_key.append(False)
+                candidates.append(query[b])
+                cand_labels.append(int(labels[b]))
+                is_own_key.append(False)
         for b in range(batch):
-            candidates.append(key[b]); cand_labels.append(int(labels[b])); is_own_key.append(b == i)
+            candidates.append(key[b])
+            cand_labels.append(int(labels[b]))
+            is_own_key.append(b == i)
         for m in range(queue.shape[0]):
             if int(queue_labels[m]) >= 0:
-                candidates.append(queue[m]); cand_labels.append(int(queue_labels[m])); is_own_key.append(False)
+                candidates.append(queue[m])
+                cand_labels.append(int(queue_labels[m]))
+                is_own_key.append(False)
         logits = torch.stack([query[i] @ a / tau for a in candidates])
         log_p = logits - torch.logsumexp(logits, 0)
         own = [n for n, own in enumerate(is_own_key) if own][0]
@@ -92,7 +98,8 @@ def test_per_anchor_weights_match_reference(alpha):
     weight = effective_number_weights(counts)[inputs[2]]
     expected = reference_loss(*inputs, alpha=alpha, tau=0.1, anchor_weight=weight)
     torch.testing.assert_close(decoupled_supcon_loss(*inputs, alpha=alpha, temperature=0.1, weight=weight), expected)
-    torch.testing.assert_close(dense_decoupled_supcon_loss(*inputs, alpha=alpha, temperature=0.1, weight=weight), expected)
+    torch.testing.assert_close(dense_decoupled_supcon_loss(*inputs, alpha=alpha, temperature=0.1, weight=weight),
+                               expected)
     assert not torch.allclose(expected, reference_loss(*inputs, alpha=alpha, tau=0.1))  # the weights matter
 
 
@@ -127,7 +134,8 @@ def test_anchor_without_positive_gets_plain_key_term():
     logits = torch.cat([query @ query.T / 0.07 - torch.eye(4) * 1e9, query @ key.T / 0.07], 1)
     expected = -(torch.diagonal(query @ key.T) / 0.07 - torch.logsumexp(logits, 1)).mean()
     for alpha in (0.0, 0.1, None):
-        torch.testing.assert_close(decoupled_supcon_loss(query, key, labels, queue, empty_labels, alpha=alpha), expected)
+        torch.testing.assert_close(decoupled_supcon_loss(query, key, labels, queue, empty_labels, alpha=alpha),
+                                   expected)
 
 
 def test_empty_slots_take_no_part():

@@ -101,7 +101,8 @@ def test_stage1_loss_is_the_mean_of_each_experts_loss_with_its_own_queue():
     torch.manual_seed(0)
     model = build_stage1_model(cfg, 3)
     g = torch.Generator().manual_seed(3)
-    model.queue.enqueue(F.normalize(torch.randn(10, 3, 16, generator=g), dim=2), torch.randint(0, 3, (10,), generator=g))
+    model.queue.enqueue(F.normalize(torch.randn(10, 3, 16, generator=g), dim=2),
+                        torch.randint(0, 3, (10,), generator=g))
     assert not torch.equal(model.queue[0].keys, model.queue[1].keys) and model.queue.num_valid() == 10
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(2)
@@ -115,7 +116,8 @@ def test_stage1_loss_is_the_mean_of_each_experts_loss_with_its_own_queue():
     expected = []
     for e, out in enumerate(outs):
         q = model.queue[e]
-        contrast = decoupled_supcon_loss(out.query, out.key, labels, q.keys, q.labels, alpha=cfg.alpha, temperature=0.07)
+        contrast = decoupled_supcon_loss(out.query, out.key, labels, q.keys, q.labels,
+                                         alpha=cfg.alpha, temperature=0.07)
         distill = patch_distillation_loss(out.teacher, out.student, out.key, q.keys, q.labels, temperature=0.07)
         expected.append(contrast + 1.5 * distill)
         torch.testing.assert_close(parts[f"loss_e{e}"], expected[-1])

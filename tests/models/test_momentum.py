@@ -60,11 +60,11 @@ def test_keys_do_not_depend_on_batch_order():
 
 def test_forward_shapes_and_gradients():
     model = small_model()
-    b, l = 4, 3
+    b, num_patches = 4, 3
     boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 4.0, 32.0, 20.0], [2.0, 2.0, 10.0, 30.0]]).repeat(b, 1, 1)
-    out = model(torch.randn(b, 3, 32, 32), torch.randn(b, 3, 32, 32), torch.randn(b, l, 3, 16, 16), boxes)
+    out = model(torch.randn(b, 3, 32, 32), torch.randn(b, 3, 32, 32), torch.randn(b, num_patches, 3, 16, 16), boxes)
     assert out.query.shape == (b, 16) and out.key.shape == (b, 16)
-    assert out.teacher.shape == (b, l, 16) and out.student.shape == (b, l, 16)
+    assert out.teacher.shape == (b, num_patches, 16) and out.student.shape == (b, num_patches, 16)
     assert out.query.requires_grad and out.student.requires_grad
     assert not out.key.requires_grad and not out.teacher.requires_grad
 

@@ -151,7 +151,8 @@ def plot_gradient_ratios(path: str | Path, result: GradientRatios) -> None:
     for values, style, label in [(result.scl, dict(marker="o", color="tab:blue"), "SCL, measured"),
                                  (result.scl_theory, dict(marker="*", color="tab:blue", linestyle="--", alpha=0.6,
                                                           markersize=9), "SCL* = 1/|P_i|"),
-                                 (result.dscl, dict(marker="s", color="tab:red"), f"DSCL (alpha={result.alpha:g}), measured")]:
+                                 (result.dscl, dict(marker="s", color="tab:red"),
+                                  f"DSCL (alpha={result.alpha:g}), measured")]:
         points = [(result.train_counts[c], values[c]) for c in order if values[c] is not None]
         if points:
             ax.plot(*zip(*points), label=label, **style)
@@ -199,8 +200,9 @@ def analyze_gradients(run: str | Path, out: str | Path, *, checkpoint: str | Pat
     views_cfg = _as_contrastive(cfg)  # plain two-view batches: the ratio needs no patches
     rt = Runtime(0, 1, dev)
     batch = cfg.pretrain.batch_size
-    stream = EpochBatches(views_cfg, splits.train, lambda on_device: stage1_transform(views_cfg, splits.image_size,
-                                                                                       on_device), rt, batch=batch, seed=seed)
+    stream = EpochBatches(views_cfg, splits.train,
+                          lambda on_device: stage1_transform(views_cfg, splits.image_size, on_device),
+                          rt, batch=batch, seed=seed)
     steps = steps_per_epoch(len(splits.train), batch, None)
 
     def endless():

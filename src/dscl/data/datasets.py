@@ -248,8 +248,9 @@ def build_splits(
       set num_classes, n_max, n_per_class_eval, image_size); has its own val split.
     - ``cifar10-lt`` / ``cifar100-lt``: torchvision's CIFAR files under ``root`` (rho default
       100), LDAM-DRW subset; balanced test. With ``val_per_class > 0`` a balanced validation
-      set is drawn (with a fixed seed, so every run seed sees the same split) from the training images the LT subset left out; the
-      head class, which keeps all its images, gives up that many of them instead.
+      set is drawn (with a fixed seed, so every run seed sees the same split) from the training
+      images the LT subset left out; the head class, which keeps all its images, gives up that
+      many of them instead.
     - ``imagefolder``: ``root/{train,val,test}/<class>/<image>`` (val optional); with
       ``imbalance_ratio`` the train split is subsampled like CIFAR-LT, files in sorted order
       (the CIFAR-10 JPEG folder at rho=100 gives CIFAR-10-LT's 12,406 images). Without a val

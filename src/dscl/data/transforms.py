@@ -138,7 +138,8 @@ class ViewPatchTransform:
         query = self.query_post(g1)  # (3,S,S)
         key = self.key_view(img)  # (3,S,S)
         patches = [self.patch(g1, b.tolist()) for b in boxes]
-        patches = torch.stack(patches) if patches else query.new_zeros(0, 3, self.patch_size, self.patch_size)  # (L,3,P,P)
+        patches = (torch.stack(patches) if patches
+                   else query.new_zeros(0, 3, self.patch_size, self.patch_size))  # (L,3,P,P)
         return query, key, patches, boxes
 
     def __repr__(self) -> str:

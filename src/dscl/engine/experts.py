@@ -84,11 +84,11 @@ def _expert_losses(stage1_losses, net: nn.Module, batch, cfg: Config, device: to
     on_device = (views, labels.to(device, non_blocking=True))  # moved once, not once per expert
     per_expert = [stage1_losses(_OneExpert(out, queues[e]), on_device, cfg, device, **options)
                   for e, out in enumerate(outs)]
-    loss = torch.stack([l for l, _ in per_expert]).mean()
+    loss = torch.stack([expert_loss for expert_loss, _ in per_expert]).mean()
     parts = {name: torch.stack([p[name] for _, p in per_expert]).mean()
              for name in per_expert[0][1] if name not in ("_keys", "loss")}
     parts["loss"] = loss
-    parts.update({f"loss_e{e}": l.detach() for e, (l, _) in enumerate(per_expert)})
+    parts.update({f"loss_e{e}": expert_loss.detach() for e, (expert_loss, _) in enumerate(per_expert)})
     parts["_keys"] = torch.stack([p["_keys"] for _, p in per_expert], 1)  # (B, E, D)
     return loss, parts
 

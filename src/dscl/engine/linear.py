@@ -123,9 +123,11 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
     val = None  # the backbone is frozen: validation features are the same every epoch
     if splits.val is not None:
         val = clean_features(backbone, cfg, splits.val, splits.image_size, rt, "validation features")
-    run.log(f"stage 2: class-balanced, {steps} steps/epoch, effective batch {local_batch * rt.world_size}, lr {lc.lr:g}, "
+    run.log(f"stage 2: class-balanced, {steps} steps/epoch, effective batch {local_batch * rt.world_size}, "
+            f"lr {lc.lr:g}, "
             + ("standardised " if lc.standardize else "raw ")
-            + ("features of fresh augmented views, " if lc.augment else "features of the un-augmented images (extracted once), ")
+            + ("features of fresh augmented views, " if lc.augment
+               else "features of the un-augmented images (extracted once), ")
             + ("best epoch chosen on validation" if val is not None else "no validation split: last epoch kept"))
 
     def save_last(epoch: int, step: int) -> None:
@@ -164,7 +166,8 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
                 preds = model.head(val[0]).argmax(1)
             row["val_top1"] = round(accuracy_report(preds.cpu(), val[1].cpu(), splits.train_counts)["overall"], 4)
             if best["val"] is None or row["val_top1"] > best["val"]:
-                best = {"epoch": epoch + 1, "val": row["val_top1"], "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
+                best = {"epoch": epoch + 1, "val": row["val_top1"],
+                        "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
         else:
             best = {"epoch": epoch + 1, "val": None, "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
         run.add_metrics(row)
@@ -175,8 +178,9 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
     selection = selection_of(best)
     run.log(f"stage 2: kept epoch {selection['best_epoch']} ("
             + (f"validation top-1 {best['val']:.2f}%)" if best["val"] is not None else "the last one)"))
-    run.save(run.checkpoint("linear_best"), {"stage": "linear", "fc": model.fc.state_dict(), "norm": model.norm.state_dict(),
-                                              "best_epoch": best["epoch"], "best_val": best["val"], "complete": True})
+    run.save(run.checkpoint("linear_best"), {"stage": "linear", "fc": model.fc.state_dict(),
+                                              "norm": model.norm.state_dict(), "best_epoch": best["epoch"],
+                                              "best_val": best["val"], "complete": True})
     return model, selection
 
 

@@ -173,7 +173,8 @@ class KnnMonitor:
         if self.every and splits.val is None:
             run.log("k-NN health signal off: no validation split (set data.val_per_class)")
         elif self.every and rt.is_main:
-            self.loaders = tuple(split_loader(cfg, ds, splits.image_size, rt.device) for ds in (splits.train, splits.val))
+            self.loaders = tuple(split_loader(cfg, ds, splits.image_size, rt.device)
+                                 for ds in (splits.train, splits.val))
 
     def measure(self, model: nn.Module, epoch: int) -> dict:
         if self.loaders is None or (epoch % self.every and epoch != self.last):

@@ -32,7 +32,8 @@ def patch_size(cfg: Config, size: int) -> int:
 def stage1_transform(cfg: Config, size: int, on_device: bool = False):
     mean, std = normalisation(size)
     if cfg.method == "ce":
-        return batched.BatchedCETransform(size, mean=mean, std=std) if on_device else ce_train_transform(size, mean, std)
+        return (batched.BatchedCETransform(size, mean=mean, std=std) if on_device
+                else ce_train_transform(size, mean, std))
     scale = crop_scale(cfg, size)
     kind = batched.BatchedViewPatch if on_device else ViewPatchTransform
     return kind(size, patch_size(cfg, size), num_patches=cfg.pretrain.num_patches if cfg.uses_pbsd else 0,

@@ -34,7 +34,8 @@ def patch_distillation_loss(
     key: (B, D) normalised keys ``k``; queue: (K, D); queue_labels: (K,), -1 marks empty slots.
     """
     if teacher.shape != student.shape or teacher.ndim != 3:
-        raise ValueError(f"teacher and student must both be (B, L, D), got {tuple(teacher.shape)} and {tuple(student.shape)}")
+        raise ValueError("teacher and student must both be (B, L, D), "
+                         f"got {tuple(teacher.shape)} and {tuple(student.shape)}")
     if key.shape != (teacher.shape[0], teacher.shape[2]):
         raise ValueError(f"key must be (B, D) = {(teacher.shape[0], teacher.shape[2])}, got {tuple(key.shape)}")
     if temperature <= 0:

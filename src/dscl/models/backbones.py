@@ -78,7 +78,8 @@ class _CifarBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         shortcut = x
         if self.pad:  # subsample and pad channels with zeros
-            shortcut = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+            shortcut = F.pad(x[:, :, :: self.stride, :: self.stride],
+                             (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
         return F.relu(out + shortcut)
 
 

@@ -160,7 +160,8 @@ class MultiExpertContrast(nn.Module):
                  num_classes: int | None = None, teacher: str | None = "roi"):
         super().__init__()
         self.encoder = backbone
-        self.heads = nn.ModuleList(ProjectionHead(backbone.expert_dim, feature_dim) for _ in range(backbone.num_experts))
+        self.heads = nn.ModuleList(ProjectionHead(backbone.expert_dim, feature_dim)
+                                   for _ in range(backbone.num_experts))
         self.key_encoder = copy.deepcopy(backbone)
         self.key_heads = copy.deepcopy(self.heads)
         _group_batchnorms(self.key_encoder, key_bn_groups)
@@ -205,26 +206,27 @@ class MultiExpertContrast(nn.Module):
             keys = self.encode_keys(key_view)
         teachers = students = [None] * self.num_experts
         if patches is not None:
-            b, l = patches.shape[:2]
+            b, num_patches = patches.shape[:2]
             with torch.no_grad():
                 if self.teacher == "roi":
                     teachers = [self.patch_teacher(u.detach(), boxes, g) for u, g in zip(maps, self.heads)]
                 elif self.teacher == "global":
-                    teachers = [q.detach()[:, None, :].expand(b, l, q.shape[1]) for q in queries]
+                    teachers = [q.detach()[:, None, :].expand(b, num_patches, q.shape[1]) for q in queries]
             with contextlib.nullcontext() if self.patch_bn_stats else frozen_running_stats(self.encoder):
                 if self.batched_patches:  # all B*L crops through the shared stages at once
-                    students = [s.view(b, l, -1) for s in self._project(self.encoder.expert_maps(patches.flatten(0, 1)))]
+                    students = [s.view(b, num_patches, -1)
+                                for s in self._project(self.encoder.expert_maps(patches.flatten(0, 1)))]
                 else:  # reference: one forward per patch index
-                    per_patch = [self._project(self.encoder.expert_maps(patches[:, j])) for j in range(l)]
+                    per_patch = [self._project(self.encoder.expert_maps(patches[:, j])) for j in range(num_patches)]
                     students = [torch.stack([p[e] for p in per_patch], 1) for e in range(self.num_experts)]
         return [ContrastOutput(*parts) for parts in zip(queries, keys, teachers, students)]
 
     def patch_teacher(self, feature_map: Tensor, boxes: Tensor, head: nn.Module) -> Tensor:
         """Eq. 11 on one expert's map u_e, projected by that expert's head -> (B, L, D)."""
-        b, l = boxes.shape[:2]
+        b, num_patches = boxes.shape[:2]
         pooled = roi_align(feature_map, list(boxes.to(feature_map.dtype).unbind(0)), output_size=2,
                            spatial_scale=1.0 / self.encoder.stride, sampling_ratio=2, aligned=True)
-        return F.normalize(head(pooled.mean((2, 3))), dim=1).view(b, l, -1)
+        return F.normalize(head(pooled.mean((2, 3))), dim=1).view(b, num_patches, -1)
 
 
 class ExpertStandardizer(nn.Module):

@@ -119,27 +119,27 @@ class MomentumContrast(nn.Module):
             key = self.encode_keys(key_view)
         teacher = student = None
         if patches is not None:
-            b, l = patches.shape[:2]
+            b, num_patches = patches.shape[:2]
             with torch.no_grad():
                 if self.teacher == "roi":
                     teacher = self.patch_teacher(feature_map.detach(), boxes)
                 elif self.teacher == "global":
-                    teacher = query.detach()[:, None, :].expand(b, l, query.shape[1])
+                    teacher = query.detach()[:, None, :].expand(b, num_patches, query.shape[1])
             with contextlib.nullcontext() if self.patch_bn_stats else frozen_running_stats(self.encoder):
                 if self.batched_patches:
                     crops = patches.flatten(0, 1)  # (B*L, 3, P, P), one forward for all crops
-                    student = F.normalize(self.head(self.encoder(crops)), dim=1).view(b, l, -1)
+                    student = F.normalize(self.head(self.encoder(crops)), dim=1).view(b, num_patches, -1)
                 else:  # reference: one forward per patch index, as the authors' code does
                     student = torch.stack([F.normalize(self.head(self.encoder(patches[:, j])), dim=1)
-                                           for j in range(l)], 1)
+                                           for j in range(num_patches)], 1)
         return ContrastOutput(query, key, teacher, student)
 
     def patch_teacher(self, feature_map: Tensor, boxes: Tensor) -> Tensor:
         """Eq. 11: ROI-align each box on u (2x2 output), average, project, normalise -> (B, L, D)."""
-        b, l = boxes.shape[:2]
+        b, num_patches = boxes.shape[:2]
         pooled = roi_align(feature_map, list(boxes.to(feature_map.dtype).unbind(0)), output_size=2,
                            spatial_scale=1.0 / self.encoder.stride, sampling_ratio=2, aligned=True)
-        return F.normalize(self.head(pooled.mean((2, 3))), dim=1).view(b, l, -1)
+        return F.normalize(self.head(pooled.mean((2, 3))), dim=1).view(b, num_patches, -1)
 
 
 @torch.no_grad()
