@@ -127,8 +127,8 @@ class Config:
 
     @property
     def alpha(self) -> float | None:
-        """The DSCL weight actually used: None for SCL; from beta when beta is given."""
-        if self.method.startswith("scl"):
+        """The DSCL weight actually used: None unless the method is DSCL; from beta when beta is given."""
+        if not self.method.startswith("dscl"):
             return None
         if self.pretrain.beta is not None:
             return 1.0 / (1.0 + self.pretrain.beta)

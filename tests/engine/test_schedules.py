@@ -35,6 +35,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
     ("dscl", ["pretrain.alpha=0.3"], 0.3),  # bug: pretrain.alpha ignored
     ("scl", ["pretrain.alpha=0.3"], None),  # bug: SCL picks up a user-given alpha
     ("scl", ["pretrain.beta=8"], None),  # bug: beta turns SCL into DSCL
+    ("ce", [], None),  # bug: CE reports a contrastive weight it never uses
 ])
 def test_alpha_of_each_method(method, overrides, expected):
     alpha = load_config(None, [f"method={method}", *overrides]).alpha
