@@ -27,6 +27,7 @@ def test_two_by_two_grid_two_seeds_then_a_second_call_runs_nothing(tmp_path, tin
     assert [r["combination"] for r in rows] == ["method=ce,linear.lr=0.05", "method=ce,linear.lr=0.02",
                                                 "method=scl,linear.lr=0.05", "method=scl,linear.lr=0.02"]
     assert all(r["runs"] == "2" and float(r["overall_std"]) >= 0 for r in rows)
+    assert all(len(r[c].partition(".")[2]) <= 3 for r in rows for c in ("overall", "overall_std", "train_s"))
     assert sum(r["selected"] == "True" for r in rows) == 1
     table = (out / "summary.md").read_text()
     assert table.count("±") >= 4 * 4 and table.count("\n| method=") == 4

@@ -293,10 +293,11 @@ def _epoch_seconds(path: Path) -> float | None:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows to CSV, atomically; floats to 3 decimals (accuracies are in %, times in seconds)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
     atomic_write_text(path, buffer.getvalue())
 
 
