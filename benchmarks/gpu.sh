@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# The prepared GPU check: bench figures and a short GPU-resident CIFAR-10-LT run, into $1.
-# Usage: benchmarks/gpu.sh OUT [cifar10-jpeg folder or .tar.gz] [--smoke]
+# The prepared GPU check (benchmarks/gpu_check.py): bench lines and the CIFAR-10-LT protocol, into OUT.
+# Usage: benchmarks/gpu.sh OUT [cifar10-jpeg folder or .tar.gz] [--smoke] [gpu_check.py options]
 set -euo pipefail
-out=${1:?usage: benchmarks/gpu.sh OUT [CIFAR] [--smoke]}
+out=${1:?usage: benchmarks/gpu.sh OUT [CIFAR] [--smoke] [options]}
 shift
 args=(--out "$out")
-if [ $# -gt 0 ] && [ "$1" != "--smoke" ]; then args+=(--cifar "$1"); shift; fi
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then args+=(--cifar "$1"); shift; fi
 exec "${PYTHON:-python}" "$(dirname "$0")/gpu_check.py" "${args[@]}" "$@"

@@ -1,23 +1,32 @@
-"""One prepared GPU check, meant to finish in under 8 minutes on one recent GPU.
+"""The prepared GPU check: ImageNet-size throughput and the full CIFAR-10-LT protocol.
 
-    python benchmarks/gpu_check.py --out OUT [--cifar DIR_OR_TARBALL] [--smoke]
+    python benchmarks/gpu_check.py --out OUT [--cifar DIR_OR_TARBALL] [--budget SECONDS] [--smoke]
+                                   [--run METHOD[:KEY=VALUE...]] ... [--set KEY=VALUE] ...
 
-1. ``dscl bench`` for the CIFAR-size ResNet-32 recipe (32 px, batch 128, K = 4,096 and 65,536,
-   16-px patches) and the ImageNet-size ResNet-50 recipe (224 px, batch 256, K = 65,536, L = 5
-   patches of 64 px): reference and optimised DSCL + PBSD steps (each bench line also times the
-   plain CE step), in fp32 and bf16.
-2. A short CIFAR-10-LT (ratio 100) training run of dscl+pbsd with the data set resident on the
-   GPU (``data.pipeline: tensor``), when ``--cifar`` names the cifar10-jpeg folder or archive.
+1. ``env.json``: the GPU's name (nvidia-smi), torch, CUDA and cuDNN versions.
+2. ``dscl bench`` on the ImageNet recipe (ResNet-50, 224 px, batch 256, K = 65,536, L = 5 patches
+   of 64 px): the reference and the optimised DSCL + PBSD step in fp32 and bf16, then the
+   optimised bf16 step with channels_last, without and with torch.compile. Each line also times
+   the plain CE step of the same backbone, so ``measured_ratio`` stands beside ``flop_ratio``.
+3. When ``--cifar`` names the cifar10-jpeg folder or archive: the 200 + 40-epoch CIFAR-10-LT
+   ratio-100 recipe (configs/...-200e_cifar10-lt-r100.yaml, data resident on the GPU) for every
+   ``--run``, all at once as separate processes on the one GPU, until the budget's deadline;
+   a run still going then is stopped and reported with the epochs it finished.
 
-Every figure is appended to OUT as soon as it exists (bench.jsonl, bench.md, the run folder),
-so a run stopped at a time limit still leaves what it finished. ``--smoke`` shrinks every budget
-so the same script can be checked end to end on a CPU.
+Every figure is written under OUT as soon as it exists (bench.jsonl / bench.md, cifar.jsonl /
+cifar.md, runs.tar.gz with the run folders less their checkpoints), so a check stopped at a time
+limit still leaves what it finished. ``--smoke`` shrinks every size and budget so the same
+script can be checked end to end on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -25,56 +34,71 @@ import tempfile
 import time
 from pathlib import Path
 
-FIELDS = ("device", "backbone", "variant", "precision", "batch_size", "queue_size", "step_ms", "images_per_s",
+ROOT = Path(__file__).resolve().parent.parent
+CIFAR_RECIPE = ROOT / "configs" / "dscl-pbsd_resnet32_b256-cos-200e_cifar10-lt-r100.yaml"
+FIELDS = ("variant", "precision", "channels_last", "compile", "batch_size", "queue_size", "step_ms", "images_per_s",
           "ce_step_ms", "ce_images_per_s", "flop_ratio", "measured_ratio", "peak_mem_mb")
+RUN_FIELDS = ("run", "status", "epochs_done", "wall_s", "pretrain_s_per_epoch", "many", "medium", "few", "overall",
+              "val_top1")
 
 
 def bench_cases(smoke: bool) -> list[list[str]]:
-    cifar = ["model.backbone=resnet32", "data.image_size=32", "pretrain.patch_size=16"]
-    imagenet = ["model.backbone=resnet50", "data.image_size=224", "pretrain.patch_size=64"]
-    if smoke:  # same code paths, tiny sizes
-        cifar += ["pretrain.batch_size=8", "pretrain.queue_size=256"]
-        imagenet = ["model.backbone=resnet50", "data.image_size=64", "pretrain.patch_size=32",
-                    "pretrain.batch_size=4", "pretrain.queue_size=512", "pretrain.num_patches=2"]
-        sizes = [cifar, imagenet]
+    """(--set values, with "--reference" for the reference step) of each bench line, in order."""
+    if smoke:  # the same code paths at tiny sizes
+        recipe = ["model.backbone=resnet50", "data.image_size=64", "pretrain.patch_size=32", "pretrain.batch_size=4",
+                  "pretrain.queue_size=512", "pretrain.num_patches=2"]
     else:
-        sizes = [cifar + ["pretrain.batch_size=128", "pretrain.queue_size=4096"],
-                 cifar + ["pretrain.batch_size=128", "pretrain.queue_size=65536"],
-                 imagenet + ["pretrain.batch_size=256", "pretrain.queue_size=65536"]]
-    cases = []
-    for recipe in sizes:
-        for precision in ("fp32", "bf16"):
-            for reference in (False, True):
-                cases.append([*recipe, f"precision={precision}", "method=dscl+pbsd"]
-                             + (["--reference"] if reference else []))
+        recipe = ["model.backbone=resnet50", "data.image_size=224", "pretrain.patch_size=64",
+                  "pretrain.batch_size=256", "pretrain.queue_size=65536", "pretrain.num_patches=5"]
+    recipe.append("method=dscl+pbsd")
+    cases = [[*recipe, "precision=bf16", "channels_last=true"]]  # the headline line first
+    cases += [[*recipe, f"precision={precision}", *(["--reference"] if reference else [])]
+              for precision in ("bf16", "fp32") for reference in (False, True)]
+    cases.append([*recipe, "precision=bf16", "channels_last=true", "compile=true"])
     return cases
 
 
-def run_bench(case: list[str], out: Path, steps: int, timeout: int) -> None:
+def run_bench(case: list[str], out: Path, steps: int, timeout: float) -> None:
     sets = [x for c in case if c != "--reference" for x in ("--set", c)]
-    cmd = [sys.executable, "-m", "dscl", "bench", *sets, "--steps", str(steps), "--warmup", "2"]
+    cmd = [sys.executable, "-m", "dscl", "bench", *sets, "--steps", str(steps), "--warmup", "3"]
     if "--reference" in case:
         cmd.append("--reference")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        result = json.loads(lines[-1]) if lines else {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+        result = json.loads(lines[-1]) if lines else {"error": " | ".join(proc.stderr.strip().splitlines()[-3:])}
     except subprocess.TimeoutExpired:
-        result = {"error": f"timed out after {timeout} s"}
+        result = {"error": f"timed out after {timeout:.0f} s"}
     result["command"] = " ".join(["dscl", *cmd[3:]])
-    with open(out / "bench.jsonl", "a") as fh:
-        fh.write(json.dumps(result) + "\n")
-    write_table(out)
+    append_jsonl(out / "bench.jsonl", result)
+    write_table(out / "bench.jsonl", out / "bench.md", ("device", *FIELDS))
     print(json.dumps(result), flush=True)
 
 
-def write_table(out: Path) -> None:
-    rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
-    lines = ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
+def append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def write_table(source: Path, target: Path, fields) -> None:
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     for r in rows:
-        lines.append("| " + " | ".join(str(r.get(f, r.get("error", "")) if f == "device" else r.get(f, ""))
-                                       for f in FIELDS) + " |")
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
+        lines.append("| " + " | ".join(str(r.get(f, r.get("error", "") if f == fields[0] else "")) for f in fields)
+                     + " |")
+    target.write_text("\n".join(lines) + "\n")
+
+
+def environment(out: Path) -> None:
+    import torch
+
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True) if shutil.which("nvidia-smi") else None
+    env = {"nvidia_smi": smi.stdout.strip() if smi else "no nvidia-smi", "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "python": sys.version.split()[0]}
+    (out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
+    print(json.dumps(env), flush=True)
 
 
 def cifar_folder(path: Path, scratch: Path) -> Path:
@@ -85,35 +109,125 @@ def cifar_folder(path: Path, scratch: Path) -> Path:
     return next(p.parent.parent for p in scratch.rglob("train/airplane"))
 
 
+def run_name(spec: str) -> tuple[str, list[str]]:
+    """'dscl+pbsd:pretrain.alpha=0.3' -> ('dscl-pbsd_pretrain.alpha-0.3', ['method=dscl+pbsd', ...])."""
+    method, *sets = spec.split(":")
+    name = "_".join([method.replace("+", "-"), *(s.replace("=", "-") for s in sets)])
+    return name, [f"method={method}", *sets]
+
+
+def start_runs(specs, root: Path, scratch: Path, common: list[str], smoke: bool) -> dict:
+    sets = [f"data.root={root}", "data.name=imagefolder", "data.pipeline=tensor", "checkpoint_every_steps=0", *common]
+    if smoke:
+        sets += ["pretrain.epochs=1", "pretrain.warmup_epochs=0", "pretrain.steps_per_epoch=2", "linear.epochs=1",
+                 "linear.steps_per_epoch=2", "pretrain.batch_size=16", "linear.milestones=[]"]
+    runs = {}
+    for spec in specs:
+        name, own = run_name(spec)
+        folder = scratch / "runs" / name
+        cmd = [sys.executable, "-m", "dscl", "run", "--config", str(CIFAR_RECIPE), "--out", str(folder),
+               *[x for s in [*sets, *own] for x in ("--set", s)]]
+        log = open(scratch / f"{name}.out", "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "2"})
+        runs[name] = {"proc": proc, "folder": folder, "tic": time.time(), "wall": None,
+                      "command": " ".join(["dscl", *cmd[3:]]).replace(str(root), "CIFAR10_JPEG")}
+        print(f"started {name}", flush=True)
+    return runs
+
+
+def wait_runs(runs: dict, deadline: float) -> None:
+    while any(r["wall"] is None for r in runs.values()):
+        for name, r in runs.items():
+            if r["wall"] is None and r["proc"].poll() is not None:
+                r["wall"] = round(time.time() - r["tic"], 1)
+                print(f"{name} ended (exit {r['proc'].returncode}) after {r['wall']} s", flush=True)
+        if time.time() > deadline:
+            for r in runs.values():
+                if r["wall"] is None:
+                    os.killpg(r["proc"].pid, signal.SIGKILL)
+                    r["wall"] = round(time.time() - r["tic"], 1)
+                    r["stopped"] = True
+            break
+        time.sleep(2)
+
+
+def summarise_run(name: str, r: dict) -> dict:
+    folder = r["folder"]
+    row = {"run": name, "wall_s": r["wall"], "command": r["command"],
+           "status": "stopped at the deadline" if r.get("stopped") else f"exit {r['proc'].returncode}"}
+    metrics = folder / "metrics.csv"
+    if metrics.exists():
+        with open(metrics) as fh:
+            rows = [m for m in csv.DictReader(fh) if m.get("stage") == "pretrain"]
+        row["epochs_done"] = len(rows)
+        seconds = [float(m["seconds"]) for m in rows if m.get("seconds")]
+        if seconds:
+            row["pretrain_s_per_epoch"] = round(sum(seconds) / len(seconds), 2)
+    results = folder / "results.json"
+    if results.exists():
+        res = json.loads(results.read_text())
+        row.update({k: res.get(k) for k in ("overall", "many", "medium", "few", "val_top1", "train_s")})
+    return row
+
+
+def bench_phase(args, deadline: float) -> None:
+    tic = time.time()
+    cases = bench_cases(args.smoke)
+    if args.bench_cases is not None:
+        cases = [cases[int(i)] for i in args.bench_cases.split(",") if i]
+    for case in cases:
+        left = deadline - time.time()
+        if left < 20:
+            append_jsonl(args.out / "bench.jsonl", {"error": "skipped: bench budget spent", "command": " ".join(case)})
+            continue
+        run_bench(case, args.out, steps=1 if args.smoke else 10, timeout=left)
+    print(f"bench done after {time.time() - tic:.0f} s", flush=True)
+
+
+def cifar_phase(args, deadline: float) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        root = cifar_folder(args.cifar, scratch)
+        runs = start_runs(args.runs or ["ce", "dscl+pbsd", "scl", "dscl"], root, scratch, args.set, args.smoke)
+        wait_runs(runs, deadline)
+        for name, r in runs.items():
+            row = summarise_run(name, r)
+            append_jsonl(args.out / "cifar.jsonl", row)
+            print(json.dumps(row), flush=True)
+        write_table(args.out / "cifar.jsonl", args.out / "cifar.md", RUN_FIELDS)
+        with tarfile.open(args.out / "runs.tar.gz", "w:gz") as tar:
+            for name, r in runs.items():
+                tar.add(scratch / f"{name}.out", arcname=f"runs/{name}.out")
+                if r["folder"].exists():
+                    tar.add(r["folder"], arcname=f"runs/{name}",
+                            filter=lambda info: None if "/checkpoints" in info.name else info)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cifar", type=Path, help="cifar10-jpeg folder or .tar.gz")
-    parser.add_argument("--smoke", action="store_true", help="tiny budgets, to check the script on a CPU")
-    parser.add_argument("--train-epochs", type=int, default=30, help="stage-1 epochs of the CIFAR-10-LT run")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and budgets, to check the script on a CPU")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole check")
+    parser.add_argument("--bench-budget", type=float, default=240.0, help="seconds for the bench lines")
+    parser.add_argument("--cifar-first", action="store_true",
+                        help="the CIFAR-10-LT runs first, the bench lines in the last --bench-budget seconds")
+    parser.add_argument("--bench-cases", help="comma-separated indices of the bench lines to run (default: all)")
+    parser.add_argument("--run", action="append", dest="runs", metavar="METHOD[:KEY=VALUE...]",
+                        help="a CIFAR-10-LT run (repeatable); default: ce, dscl+pbsd, scl, dscl")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every CIFAR-10-LT run (repeatable)")
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     tic = time.time()
-    for case in bench_cases(args.smoke):
-        run_bench(case, args.out, steps=1 if args.smoke else 10, timeout=300 if args.smoke else 90)
-    print(f"bench done after {time.time() - tic:.0f} s", flush=True)
-    if args.cifar:
-        with tempfile.TemporaryDirectory() as scratch:
-            root = cifar_folder(args.cifar, Path(scratch))
-            epochs = 1 if args.smoke else args.train_epochs
-            sets = ["method=dscl+pbsd", "data.name=imagefolder", f"data.root={root}", "data.imbalance_ratio=100",
-                    "data.val_per_class=20", "data.pipeline=tensor", "model.backbone=resnet32",
-                    f"pretrain.epochs={epochs}", "pretrain.batch_size=256", "pretrain.lr=0.1",
-                    "pretrain.warmup_epochs=1", "pretrain.queue_size=4096", "pretrain.patch_size=16",
-                    "pretrain.ema_momentum=0.99",
-                    f"linear.epochs={1 if args.smoke else 10}", "linear.batch_size=512", "linear.lr=0.1",
-                    "linear.milestones=[7]", "checkpoint_every_steps=0"]
-            if args.smoke:
-                sets += ["pretrain.steps_per_epoch=2", "linear.steps_per_epoch=2", "pretrain.batch_size=16"]
-            cmd = [sys.executable, "-m", "dscl", "run", "--out", str(args.out / "cifar10-lt-dscl-pbsd"),
-                   *[x for s in sets for x in ("--set", s)]]
-            (args.out / "train_command.txt").write_text(" ".join(["dscl", *cmd[3:]]) + "\n")
-            subprocess.run(cmd)
+    args.out.mkdir(parents=True, exist_ok=True)
+    environment(args.out)
+    if args.cifar and args.cifar_first:
+        cifar_phase(args, deadline=tic + args.budget - args.bench_budget)
+    bench_end = args.budget if args.cifar_first or not args.cifar else min(args.bench_budget, args.budget - 60)
+    bench_phase(args, deadline=tic + bench_end)
+    if args.cifar and not args.cifar_first:
+        cifar_phase(args, deadline=tic + args.budget - 15)
     print(f"gpu check done after {time.time() - tic:.0f} s; figures in {args.out}", flush=True)
     return 0
 

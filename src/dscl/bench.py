@@ -75,7 +75,7 @@ def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: 
         losses = {"supcon": dense.dense_decoupled_supcon_loss, "pbsd": dense.dense_patch_distillation_loss}
 
     def step():
-        loss, parts = stage1_losses(model, batch, cfg, device, **losses)
+        loss, parts = stage1_losses(model, batch, cfg, device, num_classes=num_classes, **losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

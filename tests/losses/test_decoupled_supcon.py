@@ -251,3 +251,20 @@ def test_rejects_bad_arguments():
         DecoupledSupConLoss(beta=-1)
     with pytest.raises(ValueError):
         decoupled_supcon_loss(inputs[0], inputs[1][:3], *inputs[2:])
+
+
+@pytest.mark.parametrize("alpha", [0.1, None])
+def test_given_num_classes_changes_nothing_and_empty_queue_keeps_gradients_finite(alpha):
+    # training passes num_classes so no step reads the labels back from the device; a bound
+    # above the largest label gives the same loss, and a queue of empty slots only (the first
+    # step) leaves the gradient finite, as dropping the slots would
+    inputs = random_inputs(classes=3, seed=5)
+    torch.testing.assert_close(decoupled_supcon_loss(*inputs, alpha=alpha, num_classes=7),
+                               decoupled_supcon_loss(*inputs, alpha=alpha))
+    query, key, labels, queue, queue_labels = inputs
+    q1, q2 = query.clone().requires_grad_(True), query.clone().requires_grad_(True)
+    empty = torch.full_like(queue_labels, -1)
+    decoupled_supcon_loss(q1, key, labels, queue, empty, alpha=alpha, num_classes=3).backward()
+    decoupled_supcon_loss(q2, key, labels, queue[:0], empty[:0], alpha=alpha).backward()
+    assert torch.isfinite(q1.grad).all()
+    torch.testing.assert_close(q1.grad, q2.grad)

@@ -69,9 +69,11 @@ def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
 @per_expert  # a multi-expert model: this loss for each expert, then their mean (engine/experts.py)
 def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
                   supcon=decoupled_supcon_loss, pbsd=patch_distillation_loss,
-                  class_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                  class_weight: torch.Tensor | None = None,
+                  num_classes: int | None = None) -> tuple[torch.Tensor, dict]:
     """Loss of one batch and its parts, for any method (``supcon`` / ``pbsd``: the loss functions;
-    ``class_weight``: (C,) weights of the anchors by class, see :func:`anchor_weights`).
+    ``class_weight``: (C,) weights of the anchors by class, see :func:`anchor_weights`;
+    ``num_classes``: given, the losses never wait for the device to find it).
 
     ``pretrain.patch_mode: multicrop`` replaces the distillation term by the contrastive loss of
     each crop index j, the crops ``s[:, j]`` standing as anchors whose own key is their image's
@@ -97,14 +99,15 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
     key = out.key.float()
     weight = None if class_weight is None else class_weight.to(device)[labels]
     contrast = supcon(out.query.float(), key, labels, queue.keys, queue.labels,
-                      alpha=cfg.alpha, temperature=cfg.pretrain.temperature, weight=weight)
+                      alpha=cfg.alpha, temperature=cfg.pretrain.temperature, weight=weight, num_classes=num_classes)
     parts = {"contrast": contrast, "p_key": key_probability(out.query.detach().float(), key, queue.keys, queue.labels,
                                                           cfg.pretrain.temperature)}
     loss = contrast
     if use_patches and cfg.pretrain.patch_mode == "multicrop":
         crops = out.student.float()
         multicrop = torch.stack([supcon(crops[:, j], key, labels, queue.keys, queue.labels, alpha=cfg.alpha,
-                                        temperature=cfg.pretrain.temperature, weight=weight)
+                                        temperature=cfg.pretrain.temperature, weight=weight,
+                                        num_classes=num_classes)
                                  for j in range(crops.shape[1])]).mean()
         loss = loss + cfg.pretrain.pbsd_weight * multicrop
         parts["multicrop"] = multicrop
@@ -116,6 +119,9 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
     parts["loss"] = loss
     parts["_keys"] = key
     return loss, parts
+
+
+CHECK_EVERY = 25  # stage-1 steps between two reads of the loss on a GPU
 
 
 def stop_if_not_finite(loss: torch.Tensor, where: str, hint: str) -> None:
@@ -242,14 +248,25 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         sums, seen, tic = {}, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"pretrain {epoch + 1}/{p.epochs}", initial=start_step, total=steps,
                    disable=not rt.is_main, leave=False)
+        unchecked, first = None, start_step
         for step, batch in enumerate(bar, start=start_step):
             torch.manual_seed(mix_seed(cfg.seed, epoch, step, rt.rank, 3))  # key shuffle etc.
             lr = warmup_cosine(base_lr, epoch * steps + step, total_steps, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, parts = stage1_losses(net, batch, cfg, rt.device, class_weight=class_weight)
-            stop_if_not_finite(loss, f"stage 1, epoch {epoch + 1}, step {step + 1}",
-                               f"the last good checkpoint is {run.checkpoint('pretrain_last')}")
+            loss, parts = stage1_losses(net, batch, cfg, rt.device, class_weight=class_weight,
+                                        num_classes=splits.num_classes)
+            # The sum of the losses since the last check is finite iff each of them is. Reading it
+            # makes the host wait for the device, so a GPU reads it every CHECK_EVERY steps only
+            # (and before a checkpoint): the host queues the next steps meanwhile.
+            unchecked = loss.detach() if unchecked is None else unchecked + loss.detach()
+            save_due = cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < steps
+            if rt.device.type != "cuda" or (step + 1) % CHECK_EVERY == 0 or step + 1 == steps or save_due:
+                span = f"step {step + 1}" if first == step else f"steps {first + 1} to {step + 1}"
+                stop_if_not_finite(unchecked, f"stage 1, epoch {epoch + 1}, {span}",
+                                   f"the last good checkpoint is {run.checkpoint('pretrain_last')}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+                unchecked, first = None, step + 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -260,8 +277,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
                 sums[name] = sums.get(name, 0.0) + value.detach()
             seen += 1
             step_scalars(run, epoch * steps + step, {"lr": lr, **parts})  # TensorBoard, if logging.tensorboard
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-            if cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < steps:
+            if save_due:
                 save_last(epoch, step + 1)
         elapsed = time.perf_counter() - tic
         seen_all = float(all_reduce_sum(torch.tensor(float(seen * local_batch))))

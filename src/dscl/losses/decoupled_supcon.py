@@ -49,10 +49,21 @@ def valid_queue(queue: Tensor, queue_labels: Tensor) -> tuple[Tensor, Tensor]:
     return queue[keep], queue_labels[keep]
 
 
-def _class_sums(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-class sum of feature rows and per-class counts: (C, D), (C,)."""
+# Logit of an empty queue slot: exp() of it is exactly 0 next to any real logit, and unlike -inf it
+# keeps a row of empty slots finite (its log-sum-exp and gradient), and 0 * it is 0.
+EMPTY_LOGIT = -1e30
+
+
+def _class_sums(features: Tensor, labels: Tensor, num_classes: int,
+                valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-class sum of feature rows and per-class counts: (C, D), (C,); rows where ``valid`` is
+    False count nowhere. Index-adds with a static size, so nothing waits for the device."""
+    weights = torch.ones_like(labels, dtype=features.dtype) if valid is None else valid.to(features.dtype)
+    if valid is not None:
+        labels = labels.clamp(min=0)
+        features = features * weights[:, None]
     sums = features.new_zeros(num_classes, features.shape[1]).index_add_(0, labels, features)
-    counts = torch.bincount(labels, minlength=num_classes)
+    counts = features.new_zeros(num_classes).index_add_(0, labels, weights)
     return sums, counts
 
 
@@ -65,6 +76,7 @@ def decoupled_supcon_loss(
     alpha: float | None = 0.1,
     temperature: float = 0.07,
     weight: Tensor | None = None,
+    num_classes: int | None = None,
 ) -> Tensor:
     """Mean DSCL loss over the B anchors of a batch (SCL when ``alpha`` is None); with
     ``weight`` (B,), the mean of ``weight[i] * loss_i`` (per-anchor re-weighting).
@@ -73,6 +85,8 @@ def decoupled_supcon_loss(
     key: (B, D) L2-normalised keys ``k``.
     labels: (B,) int64 class of each row of ``query`` and ``key``.
     queue: (K, D) stored keys; queue_labels: (K,) with -1 for a slot never filled.
+    num_classes: more than the largest label; given, no step of the loss waits for the device
+    (else it is read from the labels).
 
     Keys and queue are used as given: in training they come from the momentum encoder and
     carry no gradient, as in the method; the other queries of the batch carry theirs.
@@ -83,16 +97,18 @@ def decoupled_supcon_loss(
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    queue, queue_labels = valid_queue(queue, queue_labels)
     labels = labels.long()
     queue_labels = queue_labels.long()
+    filled = queue_labels >= 0  # (K,): empty slots take part in nothing
 
     scaled = query / temperature  # (B, D): every logit below is already divided by tau
-    log_p_key, log_z = _log_p_key(scaled, query, key, queue)  # (B,), (B,)
+    log_p_key, log_z = _log_p_key(scaled, query, key, queue, filled)  # (B,), (B,)
 
     # Sum of P_i's features: same-label keys, queries and queue entries, minus k_i and z_i.
-    num_classes = int(torch.cat([labels, queue_labels]).max()) + 1
-    key_sums, counts = _class_sums(torch.cat([key, queue]), torch.cat([labels, queue_labels]), num_classes)
+    if num_classes is None:
+        num_classes = int(torch.cat([labels, queue_labels]).max()) + 1
+    key_sums, counts = _class_sums(torch.cat([key, queue]), torch.cat([labels, queue_labels]), num_classes,
+                                   torch.cat([torch.ones_like(labels, dtype=torch.bool), filled]))
     query_sums, query_counts = _class_sums(query, labels, num_classes)
     positive_sum = key_sums[labels] - key + query_sums[labels] - query  # (B, D)
     num_positive = (counts[labels] - 1 + query_counts[labels] - 1).to(query.dtype)  # |P_i|
@@ -108,15 +124,19 @@ def decoupled_supcon_loss(
     return loss.mean() if weight is None else (weight.to(loss.dtype) * loss).mean()
 
 
-def _log_p_key(scaled: Tensor, query: Tensor, key: Tensor, queue: Tensor) -> tuple[Tensor, Tensor]:
-    """log p(k_i | z_i) and the normaliser log Z_i over A_i = {z_b, b != i} + {k_b} + queue,
-    one log-sum-exp per block. ``scaled`` is query / tau; the queue holds valid slots only."""
+def _log_p_key(scaled: Tensor, query: Tensor, key: Tensor, queue: Tensor,
+               filled: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """log p(k_i | z_i) and the normaliser log Z_i over A_i = {z_b, b != i} + {k_b} + the filled
+    queue slots (``filled``: (K,) bool, None: all), one log-sum-exp per block. ``scaled`` is query / tau."""
     self_mask = torch.eye(query.shape[0], dtype=torch.bool, device=query.device)
     logits_qq = (scaled @ query.T).masked_fill(self_mask, float("-inf"))  # (B, B)
     logits_qk = scaled @ key.T  # (B, B)
     blocks = [torch.logsumexp(logits_qq, 1), torch.logsumexp(logits_qk, 1)]
     if queue.shape[0] > 0:
-        blocks.append(torch.logsumexp(scaled @ queue.T, 1))  # (B, K) -> (B,)
+        logits_queue = scaled @ queue.T  # (B, K)
+        if filled is not None:
+            logits_queue = logits_queue.masked_fill(~filled, EMPTY_LOGIT)
+        blocks.append(torch.logsumexp(logits_queue, 1))  # (B,)
     log_z = torch.logsumexp(torch.stack(blocks, 1), 1)  # (B,)
     return logits_qk.diagonal() - log_z, log_z  # z_i . k_i / tau - log Z_i
 
@@ -127,8 +147,7 @@ def key_probability(query: Tensor, key: Tensor, queue: Tensor, queue_labels: Ten
     """Mean over anchors of p(k_i | z_i), the probability the loss gives each anchor's own key
     among all its candidates: a training-health signal (chance is 1 / |A_i|; DSCL's optimum
     puts it at alpha)."""
-    queue, _ = valid_queue(queue, queue_labels)
-    return _log_p_key(query / temperature, query, key, queue)[0].exp().mean()
+    return _log_p_key(query / temperature, query, key, queue, queue_labels >= 0)[0].exp().mean()
 
 
 class DecoupledSupConLoss(nn.Module):

@@ -16,8 +16,8 @@ from .decoupled_supcon import valid_queue
 
 def dense_decoupled_supcon_loss(query: Tensor, key: Tensor, labels: Tensor, queue: Tensor, queue_labels: Tensor,
                                 alpha: float | None = 0.1, temperature: float = 0.07,
-                                weight: Tensor | None = None) -> Tensor:
-    batch = query.shape[0]
+                                weight: Tensor | None = None, num_classes: int | None = None) -> Tensor:
+    batch = query.shape[0]  # num_classes: accepted for the optimised form's signature, not needed
     queue, queue_labels = valid_queue(queue, queue_labels)
     candidates = torch.cat([query, key, queue])  # (2B + K, D)
     cand_labels = torch.cat([labels, labels, queue_labels])  # (2B + K,)

@@ -8,7 +8,8 @@ feature ``c_i[j]``, the student from the feature of the cropped patch ``s_i[j]``
     loss = mean_{i,j} -sum(t * log_softmax([s . k_i, s . M] / tau))
 
 Written as ``logsumexp(student) - sum(t * student_logits)`` with the own-key column kept apart
-from the (B*L, K) queue block, so nothing of queue size is concatenated or masked.
+from the (B*L, K) queue block, so nothing of queue size is concatenated; empty queue slots get a
+logit whose exp() is 0, so no step waits for the device to count them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .decoupled_supcon import valid_queue
+from .decoupled_supcon import EMPTY_LOGIT
 
 
 def patch_distillation_loss(
@@ -41,12 +42,12 @@ def patch_distillation_loss(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     dim = student.shape[2]
-    queue, _ = valid_queue(queue, queue_labels)
     scaled_queue = queue.T / temperature  # (D, K)
+    empty = queue_labels < 0  # (K,): slots never filled take part in nothing
 
     def logits(features: Tensor) -> tuple[Tensor, Tensor]:  # own key (B*L,), queue (B*L, K)
         own = (features * key[:, None, :]).sum(-1).reshape(-1) / temperature
-        return own, features.reshape(-1, dim) @ scaled_queue
+        return own, (features.reshape(-1, dim) @ scaled_queue).masked_fill_(empty, EMPTY_LOGIT)
 
     with torch.no_grad():
         own_t, queue_t = logits(teacher.detach())

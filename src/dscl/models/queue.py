@@ -29,11 +29,11 @@ class LabelledQueue(nn.Module):
         """Write (N, D) keys and their (N,) labels over the oldest slots."""
         if keys.shape[0] > self.size:  # only the newest K survive anyway
             keys, labels = keys[-self.size :], labels[-self.size :]
-        n, start = keys.shape[0], int(self.ptr)
-        slots = (torch.arange(n, device=keys.device) + start) % self.size
+        n = keys.shape[0]  # the pointer stays on the device: a GPU step never waits to read it
+        slots = (torch.arange(n, device=keys.device) + self.ptr) % self.size
         self.keys[slots] = keys.to(self.keys.dtype)
         self.labels[slots] = labels.to(self.labels.dtype)
-        self.ptr.fill_((start + n) % self.size)
+        self.ptr.add_(n).remainder_(self.size)
 
     def num_valid(self) -> int:
         return int((self.labels >= 0).sum())
