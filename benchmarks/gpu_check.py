@@ -131,7 +131,8 @@ def start_runs(specs, root: Path, scratch: Path, common: list[str], smoke: bool)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "2"})
         runs[name] = {"proc": proc, "folder": folder, "tic": time.time(), "wall": None,
-                      "command": " ".join(["dscl", *cmd[3:]]).replace(str(root), "CIFAR10_JPEG")}
+                      "command": " ".join(["dscl", *cmd[3:]]).replace(str(root), "CIFAR10_JPEG")
+                      .replace(str(folder), f"runs/{name}").replace(str(ROOT) + "/", "")}
         print(f"started {name}", flush=True)
     return runs
 
