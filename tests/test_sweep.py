@@ -19,7 +19,7 @@ def sweep_args(out, tiny_overrides, *grid):
             "--select", "val"]
 
 
-def test_two_by_two_grid_two_seeds_then_a_second_call_runs_nothing(tmp_path, tiny_overrides, monkeypatch):
+def test_two_by_two_grid_two_seeds_then_a_second_call_runs_nothing(tmp_path, tiny_overrides, monkeypatch, capsys):
     out = tmp_path / "sweep"
     args = sweep_args(out, tiny_overrides, "method=ce,scl", "linear.lr=0.05,0.02")
     assert main(args) == 0
@@ -42,6 +42,12 @@ def test_two_by_two_grid_two_seeds_then_a_second_call_runs_nothing(tmp_path, tin
     monkeypatch.setattr(dscl.engine, "run", must_not_run)
     before = (out / "summary.csv").read_text()
     assert main(args) == 0
+    assert (out / "summary.csv").read_text() == before
+    # the same folders asked for with another --set hold another run: refused, not reused
+    other = sweep_args(out, tiny_overrides + ["pretrain.temperature=0.2"], "method=ce,scl", "linear.lr=0.05,0.02")
+    capsys.readouterr()
+    assert main(other) != 0
+    assert "holds a run of another configuration" in capsys.readouterr().err
     assert (out / "summary.csv").read_text() == before
     # a later grid under the same --out that changes only stage 2 reuses those stage-1 runs
     monkeypatch.undo()

@@ -120,6 +120,10 @@ def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: lis
     for combo in combos:  # refuse a bad grid value before anything trains
         for seed in seeds:
             configs[combo.name, seed] = load_config(config, [*overrides, *combo.settings, f"seed={seed}"])
+    for (name, seed), cfg in configs.items():  # a finished run is reused, so it must be this run
+        path = out / next(c.folder for c in combos if c.name == name) / f"seed{seed}"
+        if _finished(path):
+            _check_same(path, cfg.to_dict(), *MOVABLE)
     if not summary_only:
         todo = [(c, s) for s in seeds for c in combos if not _finished(out / c.folder / f"seed{s}")]
         print(f"sweep: {len(combos)} combination(s) x {len(seeds)} seed(s); {len(todo)} run(s) to do", flush=True)
@@ -227,10 +231,14 @@ def _comparable(flat: dict, *skip: str) -> dict:
     return {k: v for k, v in flat.items() if not k.startswith(("logging.", *skip))}
 
 
-def _check_same(path: Path, config: dict) -> None:
+# Keys a finished run may differ in and still be the same run: where the data and the device were.
+MOVABLE = ("data.root", "data.num_workers", "device")
+
+
+def _check_same(path: Path, config: dict, *skip: str) -> None:
     saved = _saved_config(path)
     if saved is not None:
-        saved, current = _comparable(saved), _comparable(flatten_config(config))
+        saved, current = _comparable(saved, *skip), _comparable(flatten_config(config), *skip)
         diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
                  if saved.get(k) != current.get(k)]
         if diffs:
