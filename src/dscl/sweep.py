@@ -117,13 +117,11 @@ def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: lis
     axes = parse_grid(grid)
     combos = combinations(axes, layout)
     configs = {}
-    for combo in combos:  # refuse a bad grid value before anything trains
+    for combo in combos:  # refuse a bad grid value, or a finished run of another config, before anything trains
         for seed in seeds:
-            configs[combo.name, seed] = load_config(config, [*overrides, *combo.settings, f"seed={seed}"])
-    for (name, seed), cfg in configs.items():  # a finished run is reused, so it must be this run
-        path = out / next(c.folder for c in combos if c.name == name) / f"seed{seed}"
-        if _finished(path):
-            _check_same(path, cfg.to_dict(), *MOVABLE)
+            cfg = configs[combo.name, seed] = load_config(config, [*overrides, *combo.settings, f"seed={seed}"])
+            if _finished(path := out / combo.folder / f"seed{seed}"):  # reused as is, so it must be this run
+                _check_same(path, cfg.to_dict(), *MOVABLE)
     if not summary_only:
         todo = [(c, s) for s in seeds for c in combos if not _finished(out / c.folder / f"seed{s}")]
         print(f"sweep: {len(combos)} combination(s) x {len(seeds)} seed(s); {len(todo)} run(s) to do", flush=True)

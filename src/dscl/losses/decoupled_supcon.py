@@ -58,10 +58,11 @@ def _class_sums(features: Tensor, labels: Tensor, num_classes: int,
                 valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-class sum of feature rows and per-class counts: (C, D), (C,); rows where ``valid`` is
     False count nowhere. Index-adds with a static size, so nothing waits for the device."""
-    weights = torch.ones_like(labels, dtype=features.dtype) if valid is None else valid.to(features.dtype)
-    if valid is not None:
-        labels = labels.clamp(min=0)
-        features = features * weights[:, None]
+    if valid is None:
+        weights = torch.ones_like(labels, dtype=features.dtype)
+    else:
+        weights = valid.to(features.dtype)
+        labels, features = labels.clamp(min=0), features * weights[:, None]
     sums = features.new_zeros(num_classes, features.shape[1]).index_add_(0, labels, features)
     counts = features.new_zeros(num_classes).index_add_(0, labels, weights)
     return sums, counts
@@ -124,18 +125,15 @@ def decoupled_supcon_loss(
     return loss.mean() if weight is None else (weight.to(loss.dtype) * loss).mean()
 
 
-def _log_p_key(scaled: Tensor, query: Tensor, key: Tensor, queue: Tensor,
-               filled: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _log_p_key(scaled: Tensor, query: Tensor, key: Tensor, queue: Tensor, filled: Tensor) -> tuple[Tensor, Tensor]:
     """log p(k_i | z_i) and the normaliser log Z_i over A_i = {z_b, b != i} + {k_b} + the filled
-    queue slots (``filled``: (K,) bool, None: all), one log-sum-exp per block. ``scaled`` is query / tau."""
+    queue slots (``filled``: (K,) bool), one log-sum-exp per block. ``scaled`` is query / tau."""
     self_mask = torch.eye(query.shape[0], dtype=torch.bool, device=query.device)
     logits_qq = (scaled @ query.T).masked_fill(self_mask, float("-inf"))  # (B, B)
     logits_qk = scaled @ key.T  # (B, B)
     blocks = [torch.logsumexp(logits_qq, 1), torch.logsumexp(logits_qk, 1)]
     if queue.shape[0] > 0:
-        logits_queue = scaled @ queue.T  # (B, K)
-        if filled is not None:
-            logits_queue = logits_queue.masked_fill(~filled, EMPTY_LOGIT)
+        logits_queue = (scaled @ queue.T).masked_fill(~filled, EMPTY_LOGIT)  # (B, K)
         blocks.append(torch.logsumexp(logits_queue, 1))  # (B,)
     log_z = torch.logsumexp(torch.stack(blocks, 1), 1)  # (B,)
     return logits_qk.diagonal() - log_z, log_z  # z_i . k_i / tau - log Z_i
