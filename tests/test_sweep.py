@@ -148,3 +148,19 @@ def test_a_folder_written_before_a_key_existed_is_the_same_run(tmp_path, tiny_ov
     _check_same(tmp_path, load_config(None, tiny_overrides + ["logging.tensorboard=true"]).to_dict())
     with pytest.raises(ConfigError, match="pretrain.pbsd_teacher"):
         _check_same(tmp_path, load_config(None, tiny_overrides + ["pretrain.pbsd_teacher=global"]).to_dict())
+
+
+def test_the_dscl_weight_makes_another_run_only_for_the_dscl_methods(tmp_path, tiny_overrides):
+    # a recipe's alpha can change without orphaning its finished ce and scl runs
+    from dscl.config import load_config
+    from dscl.engine.checkpoint import write_yaml
+    from dscl.sweep import _check_same
+
+    for method in ("ce", "scl", "scl+pbsd", "dscl", "dscl+pbsd"):
+        write_yaml(tmp_path / "config.yaml", load_config(None, tiny_overrides + [f"method={method}"]).to_dict())
+        now = load_config(None, tiny_overrides + [f"method={method}", "pretrain.alpha=0.3"]).to_dict()
+        if method.startswith("dscl"):
+            with pytest.raises(ConfigError, match="pretrain.alpha"):
+                _check_same(tmp_path, now)
+        else:
+            _check_same(tmp_path, now)

@@ -225,7 +225,9 @@ def _saved_config(path: Path) -> dict | None:
 
 def _comparable(flat: dict, *skip: str) -> dict:
     """The keys that make two runs different runs: not ``logging.*`` (what is recorded, not what
-    is trained), nor the given prefixes."""
+    is trained), nor the given prefixes, nor the DSCL weight for the methods that never read it."""
+    if not str(flat.get("method", "")).startswith("dscl"):
+        skip = (*skip, "pretrain.alpha", "pretrain.beta")
     return {k: v for k, v in flat.items() if not k.startswith(("logging.", *skip))}
 
 
