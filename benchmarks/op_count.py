@@ -4,7 +4,8 @@ A GPU step made of many small operators is paced by the host that launches them,
 each operator is at least one kernel launch, issued from Python. This counts, per step, the
 operators of the device-side view pipeline (``data.pipeline: tensor``) and of the step itself
 (forward, backward, SGD as on a GPU, i.e. foreach, EMA update, enqueue), below autograd, where
-each one is a kernel or a few. It runs on the CPU: the count is the same on any device.
+each one is a kernel or a few; ``*_kernel_ops`` leave out views and bare allocations. The step
+includes its views. It runs on the CPU; the count is what any device is asked to run.
 
     python benchmarks/op_count.py [--set KEY=VALUE ...]   # default: the 30-epoch CIFAR recipe
 """
