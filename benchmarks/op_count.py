@@ -27,8 +27,8 @@ from dscl.engine.views import patch_size, stage1_transform
 RECIPE = Path(__file__).resolve().parents[1] / "configs/dscl-pbsd_resnet32_b128-cos-30e_cifar10-lt-r100.yaml"
 
 
-# Operators that only make a new view of the same memory (no kernel on any device).
-VIEWS = {"aten.detach", "aten.view", "aten._unsafe_view", "aten.expand", "aten.t", "aten.transpose",
+# Operators that run no kernel on any device: views of the same memory and bare allocations.
+NO_KERNEL = {"aten.detach", "aten.view", "aten._unsafe_view", "aten.expand", "aten.t", "aten.transpose",
          "aten.permute", "aten.slice", "aten.select", "aten.unsqueeze", "aten.squeeze", "aten.as_strided",
          "aten.alias", "aten.unbind", "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.empty",
          "aten.empty_like", "aten.new_empty", "aten.new_empty_strided", "aten.empty_strided"}
@@ -45,7 +45,7 @@ class OpCounter(TorchDispatchMode):
 
     def kernels(self) -> int:
         """Operators that run a kernel (not views, not bare allocations)."""
-        return sum(n for op, n in self.ops.items() if op not in VIEWS)
+        return sum(n for op, n in self.ops.items() if op not in NO_KERNEL)
 
 
 def count(overrides: list[str], method: str, num_classes: int = 10, batch: int = 8) -> dict:
@@ -76,7 +76,7 @@ def count(overrides: list[str], method: str, num_classes: int = 10, batch: int =
     return {"method": method, "patch_size": patch_size(cfg, size), "views_ops": sum(views_only.ops.values()),
             "views_kernel_ops": views_only.kernels(), "step_ops": sum(whole.ops.values()),
             "step_kernel_ops": whole.kernels(),
-            "top": [(op, n) for op, n in whole.ops.most_common() if op not in VIEWS][:8]}
+            "top": [(op, n) for op, n in whole.ops.most_common() if op not in NO_KERNEL][:8]}
 
 
 def main() -> None:
