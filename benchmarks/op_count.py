@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dscl.config import load_config
-from dscl.engine.pretrain import build_stage1_model, prepare_model, stage1_losses
+from dscl.engine.pretrain import build_stage1_model, optimise, prepare_model, stage1_losses
 from dscl.engine.views import patch_size, stage1_transform
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs/dscl-pbsd_resnet32_b128-cos-30e_cifar10-lt-r100.yaml"
@@ -62,11 +62,7 @@ def count(overrides: list[str], method: str, num_classes: int = 10, batch: int =
     def step():
         views = transform(images)
         loss, parts = stage1_losses(model, (views, labels), cfg, torch.device("cpu"), num_classes=num_classes)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if method != "ce":
-            model.queue.enqueue(parts["_keys"], labels)
+        optimise(model, optimizer, loss, parts.get("_keys"), labels)
 
     step()  # the first step creates the optimizer's state
     with OpCounter() as views_only:

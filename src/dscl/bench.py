@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import load_config
 from .engine.distributed import resolve_device
 from .engine.experts import build_encoder
-from .engine.pretrain import build_stage1_model, prepare_model, stage1_losses
+from .engine.pretrain import build_stage1_model, optimise, prepare_model, stage1_losses
 from .engine.views import patch_size
 from .losses import dense
 from .models import build_classifier
@@ -76,10 +76,7 @@ def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: 
 
     def step():
         loss, parts = stage1_losses(model, batch, cfg, device, num_classes=num_classes, **losses)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.queue.enqueue(parts["_keys"], labels)
+        optimise(model, optimizer, loss, parts["_keys"], labels)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -127,9 +124,7 @@ def _ce_step_ms(cfg, num_classes, images, labels, steps, warmup, device) -> floa
 
     def step():
         loss, _ = stage1_losses(model, (images, labels), ce_cfg, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimise(model, optimizer, loss, None, labels)
 
     return _time_steps(step, steps, warmup, device)
 

@@ -164,6 +164,17 @@ def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
     return model
 
 
+def optimise(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+             keys: torch.Tensor | None, labels: torch.Tensor) -> None:
+    """How every stage-1 step ends: backward, the optimiser's step, then this step's keys (``None``
+    for CE, which has no queue) and their labels into the queue."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if keys is not None:
+        _unwrap(model).queue.enqueue(keys, labels)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -267,12 +278,10 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
                                    f"the last good checkpoint is {run.checkpoint('pretrain_last')}")
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
                 unchecked, first = None, step + 1
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if "_keys" in parts:
-                _unwrap(net).queue.enqueue(all_gather_cat(parts.pop("_keys")),
-                                           all_gather_cat(batch[1].to(rt.device)))
+            keys, labels = parts.pop("_keys", None), batch[1]
+            if keys is not None:  # the queue takes the keys of all ranks
+                keys, labels = all_gather_cat(keys), all_gather_cat(labels.to(rt.device))
+            optimise(net, optimizer, loss, keys, labels)
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
             seen += 1
