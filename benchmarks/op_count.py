@@ -29,9 +29,9 @@ RECIPE = Path(__file__).resolve().parents[1] / "configs/dscl-pbsd_resnet32_b128-
 
 # Operators that run no kernel on any device: views of the same memory and bare allocations.
 NO_KERNEL = {"aten.detach", "aten.view", "aten._unsafe_view", "aten.expand", "aten.t", "aten.transpose",
-         "aten.permute", "aten.slice", "aten.select", "aten.unsqueeze", "aten.squeeze", "aten.as_strided",
-         "aten.alias", "aten.unbind", "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.empty",
-         "aten.empty_like", "aten.new_empty", "aten.new_empty_strided", "aten.empty_strided"}
+             "aten.permute", "aten.slice", "aten.select", "aten.unsqueeze", "aten.squeeze", "aten.as_strided",
+             "aten.alias", "aten.unbind", "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.empty",
+             "aten.empty_like", "aten.new_empty", "aten.new_empty_strided", "aten.empty_strided"}
 
 
 class OpCounter(TorchDispatchMode):
