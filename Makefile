@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/dscl demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n auto tests   # one worker process per core (pytest-xdist)
+	$(PY) -m pytest -n auto -rs tests   # one worker process per core (pytest-xdist); -rs: say why a test skipped
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks   # rules in pyproject.toml [tool.ruff]

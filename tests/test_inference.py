@@ -4,6 +4,8 @@ messages for a foreign or damaged checkpoint."""
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,6 +104,36 @@ def test_predict_names_and_skips_unreadable_files(run_dir, test_images, tmp_path
     assert lines[0] == "image,rank,class,index,probability" and lines[1].startswith(f"{files[0]},1,")
     assert run_cli("predict", run_dir, files[0]) == 0
     assert capsys.readouterr().out.splitlines()[0].split()[:3] == ["image", "top-1", "p"]
+
+
+def test_predict_exits_non_zero_when_it_skipped_an_input(run_dir, test_images, tmp_path, capsys):
+    """`dscl predict` returns 1 (and says so in --help) whenever any input was skipped, even when
+    the others were predicted; 0 only when every input was.
+
+    Guards against:
+    - a skipped input reported on stderr only, with exit status 0 (a script would not notice);
+    - a folder without images, or an unreadable file among readable ones, passing silently;
+    - the exit status of `python -m dscl` not being the one `main` returns.
+    """
+    good = sorted(test_images.rglob("*.png"))[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    for inputs in ([good, broken], [good, empty], [broken]):
+        assert run_cli("predict", run_dir, *inputs, "--format", "json") == 1, inputs
+        captured = capsys.readouterr()
+        assert len(json.loads(captured.out)) == (1 if good in inputs else 0)
+        assert "1 input(s) skipped" in captured.err and str(inputs[-1]) in captured.err
+    assert run_cli("predict", run_dir, good, good.parent) == 0
+    capsys.readouterr()
+    command = [sys.executable, "-m", "dscl", "predict", str(run_dir), str(good), str(tmp_path / "gone.png")]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    assert proc.returncode == 1 and "gone.png" in proc.stderr and good.name in proc.stdout
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--help"])
+    assert info.value.code == 0
+    assert "1 when any input was skipped" in " ".join(capsys.readouterr().out.split())
 
 
 def test_evaluate_other_split_and_data_writes_only_its_own_file(run_dir, test_images, capsys):

@@ -1,6 +1,7 @@
 """`dscl sweep`: grid x seeds, resumable, summaries rebuilt from the run folders."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -20,15 +21,25 @@ def sweep_args(out, tiny_overrides, *grid):
 
 
 def test_two_by_two_grid_two_seeds_then_a_second_call_runs_nothing(tmp_path, tiny_overrides, monkeypatch, capsys):
+    """Guards against (besides re-running finished runs, reusing another configuration's):
+    - a summary mean or ± not that of the seeds' results.json (population std, a seed left out);
+    - --select val marking a row whose validation accuracy is not the best.
+    """
     out = tmp_path / "sweep"
     args = sweep_args(out, tiny_overrides, "method=ce,scl", "linear.lr=0.05,0.02")
     assert main(args) == 0
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["combination"] for r in rows] == ["method=ce,linear.lr=0.05", "method=ce,linear.lr=0.02",
                                                 "method=scl,linear.lr=0.05", "method=scl,linear.lr=0.02"]
-    assert all(r["runs"] == "2" and float(r["overall_std"]) >= 0 for r in rows)
+    assert all(r["runs"] == "2" for r in rows)
     assert all(len(r[c].partition(".")[2]) <= 3 for r in rows for c in ("overall", "overall_std", "train_s"))
-    assert sum(r["selected"] == "True" for r in rows) == 1
+    for r in rows:  # mean and sample std (n - 1) of the two seeds' results.json, recomputed here
+        folder = out / r["combination"].replace("=", "-").replace(",", "_")
+        overall = [json.loads((folder / f"seed{s}" / "results.json").read_text())["overall"] for s in (0, 1)]
+        assert float(r["overall"]) == pytest.approx(sum(overall) / 2, abs=1e-3)
+        assert float(r["overall_std"]) == pytest.approx(abs(overall[0] - overall[1]) / 2 ** 0.5, abs=1e-3)
+    selected = [r for r in rows if r["selected"] == "True"]
+    assert len(selected) == 1 and float(selected[0]["val_top1"]) == max(float(r["val_top1"]) for r in rows)
     table = (out / "summary.md").read_text()
     assert table.count("±") >= 4 * 4 and table.count("\n| method=") == 4
     # stage 1 of the second linear.lr is copied, not trained again
@@ -164,3 +175,60 @@ def test_the_dscl_weight_makes_another_run_only_for_the_dscl_methods(tmp_path, t
                 _check_same(tmp_path, now)
         else:
             _check_same(tmp_path, now)
+
+
+def _finished_run(folder, overall, val_top1):
+    """A finished run folder as ``dscl run`` leaves it, as far as the summary reads it."""
+    folder.mkdir(parents=True)
+    results = {"method": "dscl", "overall": overall, "many": overall, "medium": None, "few": overall - 10,
+               "val_top1": val_top1, "per_class": [overall, overall], "train_counts": [500, 5], "train_s": 1.0}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_select_val_marks_the_best_validation_row_not_the_best_test_row(tmp_path):
+    """The row chosen by --select val is the one with the best mean validation accuracy, even
+    where another row has a better test accuracy; the ± is the sample standard deviation.
+
+    Guards against:
+    - `--select val` picking the row with the best test (overall) accuracy, or the first / last row;
+    - the ± and overall_std computed as the population std (n) instead of the sample std (n - 1).
+    """
+    out = tmp_path / "sweep"
+    # (test overall, validation) per seed: lr 0.1 validates best, lr 0.2 tests best, lr 0.3 is worst on both
+    runs = {"0.1": [(60.0, 81.0), (64.0, 79.0)], "0.2": [(90.0, 70.0), (86.0, 72.0)],
+            "0.3": [(50.0, 60.0), (51.0, 61.0)]}
+    for lr, seeds in runs.items():
+        for seed, (overall, val) in enumerate(seeds):
+            _finished_run(out / f"linear.lr-{lr}" / f"seed{seed}", overall, val)
+    assert main(["sweep", "--grid", "linear.lr=0.1,0.2,0.3", "--seeds", "0", "1", "--out", str(out),
+                 "--select", "val", "--summary-only"]) == 0
+    rows = {r["combination"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert [name for name, r in rows.items() if r["selected"] == "True"] == ["linear.lr=0.1"]
+    assert float(rows["linear.lr=0.2"]["overall"]) == 88.0  # the best test row, not selected
+    # sample std of (60, 64): sqrt(((60-62)^2 + (64-62)^2) / (2 - 1)) = 2.828; the population std would be 2.0
+    assert float(rows["linear.lr=0.1"]["overall_std"]) == pytest.approx(8 ** 0.5, abs=1e-3)
+    assert float(rows["linear.lr=0.3"]["val_top1_std"]) == pytest.approx(0.5 ** 0.5, abs=1e-3)
+    table = (out / "summary.md").read_text()
+    assert "| linear.lr=0.1 *" in table and "| linear.lr=0.2 *" not in table
+    assert "62.0 ± 2.8" in table
+
+
+def test_sample_std_over_three_seeds_in_the_csv_and_the_table(tmp_path):
+    """overall_std pinned on known values over three seeds.
+
+    Guards against:
+    - population std (divide by n) instead of the sample std (n - 1): 4.497 instead of 5.508;
+    - a std over the wrong runs (one seed left out, or the validation column).
+    """
+    out = tmp_path / "sweep"
+    for seed, overall in enumerate([1.0, 2.0, 11.0]):
+        _finished_run(out / "method-dscl" / f"seed{seed}", overall, 50.0)
+    assert main(["sweep", "--grid", "method=dscl", "--seeds", "0", "1", "2", "--out", str(out), "--summary-only"]) == 0
+    row = next(csv.DictReader((out / "summary.csv").open()))
+    values = [1.0, 2.0, 11.0]
+    mean = sum(values) / 3
+    sample = (sum((v - mean) ** 2 for v in values) / (3 - 1)) ** 0.5  # 5.508
+    assert row["runs"] == "3" and float(row["overall"]) == pytest.approx(mean, abs=1e-3)
+    assert float(row["overall_std"]) == pytest.approx(sample, abs=1e-3)
+    assert float(row["val_top1_std"]) == 0.0
+    assert f"{mean:.1f} ± {sample:.1f}" in (out / "summary.md").read_text()

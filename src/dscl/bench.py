@@ -57,7 +57,7 @@ def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: 
     torch.manual_seed(cfg.seed)
     gen = dict(device=device)
     labels = torch.randint(0, num_classes, (b,), **gen)
-    if cfg.method == "ce":
+    if not cfg.method_spec.contrastive:
         raise SystemExit("dscl bench times a contrastive method against CE; choose method=scl, dscl, ... ")
     model = prepare_model(build_stage1_model(cfg, num_classes).to(device).train(), cfg)
     model.batched_patches = not reference

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--select", choices=["val"], default=None,
                        help="mark the combination with the best mean validation accuracy")
     sweep.add_argument("--summary-only", action="store_true", help="rebuild the summaries from the runs on disk")
+    sweep.add_argument("--posthoc-la", action="store_true",
+                       help="add a row per combination: its classifiers with post-hoc logit adjustment (tau chosen "
+                            "on validation; runs made before dscl recorded it need `dscl evaluate RUN --logit-adjust`)")
     sweep.add_argument("--layout", choices=["table1", "table3s"], default=None,
                        help="the rows of one of the paper's tables (table1: components; table3s: the supplement's "
                             "queue and re-weighting ablation), crossed with any --grid; writes <layout>.md / .csv")
@@ -73,7 +76,15 @@ def _reuse_args(sub) -> None:
                           "(otherwise the run's); --set data.KEY=VALUE changes any other data setting")
     evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")
     evaluate.add_argument("--results", type=Path, help="results file (default RUN_DIR/evaluations/<data>-<split>.json)")
-    predict = sub.add_parser("predict", help="top classes and probabilities of image files with a finished run")
+    evaluate.add_argument("--logit-adjust", action="store_true",
+                          help="post-hoc logit adjustment of the run's classifier: tau chosen on the validation "
+                               "split (0 to 2 by 0.25), then the test split "
+                               "(default RUN_DIR/evaluations/posthoc-la.json)")
+    predict = sub.add_parser("predict", help="top classes and probabilities of image files with a finished run",
+                             description="Top classes and probabilities of image files with a finished run. Exit "
+                             "status: 0 when every input was predicted; 1 when any input was skipped (a missing "
+                             "path, an unreadable image, a folder without images: each is named on stderr, the "
+                             "others are still predicted); 2 on an error (e.g. an unusable run folder).")
     predict.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     predict.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER", help="image files and folders (recursive)")
     predict.add_argument("--topk", type=int, default=5)
@@ -102,6 +113,11 @@ def _reuse_command(args) -> int:
         return 0
     if args.run_dir is None:
         raise ConfigError("evaluate: give a run folder, RUN_DIR (or --out DIR to redo the run's own evaluation)")
+    if args.logit_adjust:
+        from .inference import logit_adjust_run
+
+        logit_adjust_run(args.run_dir, args.overrides, args.results)
+        return 0
     from .inference import evaluate_run
 
     evaluate_run(args.run_dir, args.data, args.overrides, args.split, args.results)
@@ -221,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import sweep
 
             sweep(args.config, args.overrides, args.grid, args.seeds, args.out, select=args.select,
-                  summary_only=args.summary_only, layout=args.layout)
+                  summary_only=args.summary_only, layout=args.layout, posthoc=args.posthoc_la)
         elif args.command == "bench":
             from .bench import bench
 

@@ -20,8 +20,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-
-METHODS = ("ce", "scl", "dscl", "scl+pbsd", "dscl+pbsd")
+from .methods import METHODS, Method, get_method  # noqa: F401  (METHODS: the names, for callers)
 
 
 @dataclass
@@ -65,8 +64,10 @@ class PretrainConfig:
     ema_momentum: float = 0.999
     temperature: float = 0.07
     alpha: float | None = 0.1
+    la_tau: float = 1.0  # ce-la: the logit adjustment's tau (1: Balanced Softmax)
     beta: float | None = None  # the authors' spelling; when set, alpha = 1 / (1 + beta)
     pbsd_weight: float = 1.5
+    pbsd_teacher_temperature: float | None = None  # None: pretrain.temperature (the paper's); lower: a sharper teacher
     num_patches: int = 5
     patch_size: int | None = None  # None: 64 at 224 px, S / 2 below
     patch_scale: tuple[float, float] = (0.05, 0.6)
@@ -96,6 +97,10 @@ class LinearConfig:
     milestones: tuple[int, ...] = (20, 30)
     gamma: float = 0.1
     standardize: bool = True  # standardise the frozen features (statistics of the training set) before fc
+    # sampler: class-balanced draws, cross-entropy (SPEC section 5); loss: every image at its natural
+    # frequency, logit-adjusted cross-entropy with tau = la_tau (SPEC section 11)
+    rebalance: str = "sampler"
+    la_tau: float = 1.0
     # true: each step sees fresh training-time views of its images (SPEC section 5); false: the
     # un-augmented features are extracted once and every epoch reuses them (seconds per epoch)
     augment: bool = True
@@ -128,7 +133,7 @@ class Config:
     @property
     def alpha(self) -> float | None:
         """The DSCL weight actually used: None unless the method is DSCL; from beta when beta is given."""
-        if not self.method.startswith("dscl"):
+        if not self.method_spec.decoupled:
             return None
         if self.pretrain.beta is not None:
             return 1.0 / (1.0 + self.pretrain.beta)
@@ -142,8 +147,13 @@ class Config:
         return 20 if self.data.name in ("cifar10-lt", "cifar100-lt") else 0
 
     @property
+    def method_spec(self) -> Method:
+        """What the method trains in each stage (:mod:`dscl.methods`)."""
+        return get_method(self.method)
+
+    @property
     def uses_pbsd(self) -> bool:
-        return self.method.endswith("+pbsd")
+        return self.method_spec.patches
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
@@ -227,21 +237,25 @@ def _update(obj: Any, values: dict, prefix: str = "") -> None:
 
 def validate(cfg: Config) -> Config:
     """Range checks across keys; raises ConfigError naming the key."""
+    get_method(cfg.method)  # the other checks read the method's traits
     checks = [
-        (cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {cfg.method!r}"),
         (cfg.pretrain.epochs >= 0, "pretrain.epochs", "must be >= 0"),
         (cfg.linear.epochs >= 0, "linear.epochs", "must be >= 0"),
         (cfg.pretrain.batch_size >= 2, "pretrain.batch_size", "must be >= 2"),
         (cfg.linear.batch_size >= 1, "linear.batch_size", "must be >= 1"),
         (cfg.pretrain.alpha is None or 0.0 <= cfg.pretrain.alpha <= 1.0, "pretrain.alpha", "must lie in [0, 1]"),
-        (not cfg.method.startswith("dscl") or cfg.alpha is not None, "pretrain.alpha",
+        (not cfg.method_spec.decoupled or cfg.alpha is not None, "pretrain.alpha",
          "is needed by the dscl methods (or give pretrain.beta)"),
         (cfg.pretrain.beta is None or cfg.pretrain.beta >= 0, "pretrain.beta", "must be >= 0"),
+        (cfg.pretrain.la_tau >= 0 and cfg.linear.la_tau >= 0, "pretrain.la_tau / linear.la_tau", "must be >= 0"),
+        (cfg.linear.rebalance in ("sampler", "loss"), "linear.rebalance", "must be sampler or loss"),
         (cfg.pretrain.queue_size >= cfg.pretrain.batch_size, "pretrain.queue_size",
          f"must be at least the batch size ({cfg.pretrain.batch_size})"),
         (0.0 <= cfg.pretrain.ema_momentum < 1.0, "pretrain.ema_momentum", "must lie in [0, 1)"),
         (cfg.pretrain.temperature > 0, "pretrain.temperature", "must be > 0"),
         (cfg.pretrain.pbsd_weight >= 0, "pretrain.pbsd_weight", "must be >= 0"),
+        (cfg.pretrain.pbsd_teacher_temperature is None or cfg.pretrain.pbsd_teacher_temperature > 0,
+         "pretrain.pbsd_teacher_temperature", "must be > 0 (or null)"),
         (cfg.pretrain.num_patches >= 1, "pretrain.num_patches", "must be >= 1"),
         (0 < cfg.pretrain.patch_scale[0] <= cfg.pretrain.patch_scale[1] <= 1, "pretrain.patch_scale",
          "must be 0 < low <= high <= 1"),
@@ -271,8 +285,8 @@ def validate(cfg: Config) -> Config:
         (cfg.model.feature_dim >= 1, "model.feature_dim", "must be >= 1"),
         (cfg.model.experts >= 1, "model.experts", "must be >= 1"),
         (cfg.model.expert_width > 0, "model.expert_width", "must be > 0"),
-        (cfg.model.experts == 1 or cfg.method != "ce", "model.experts",
-         "needs a contrastive method: ce trains one network end to end (see docs/RECIPES.md)"),
+        (cfg.model.experts == 1 or cfg.method_spec.contrastive, "model.experts",
+         f"needs a contrastive method: {cfg.method} trains one network end to end (see docs/RECIPES.md)"),
         (cfg.pretrain.patch_size is None or cfg.pretrain.patch_size >= 1, "pretrain.patch_size", "must be >= 1"),
         (cfg.pretrain.crop_scale is None or 0 < cfg.pretrain.crop_scale[0] <= cfg.pretrain.crop_scale[1] <= 1,
          "pretrain.crop_scale", "must be 0 < low <= high <= 1"),

@@ -20,7 +20,7 @@ from .config import load_config
 from .data import DATASET_NAMES, load_rgb
 from .data.images import is_image_file
 from .engine.checkpoint import write_json
-from .engine.evaluate import accuracy_report, predict
+from .engine.evaluate import accuracy_report, posthoc_logit_adjustment, predict, predict_logits
 from .engine.runner import load_data
 from .engine.trained import TrainedClassifier, load
 from .engine.views import split_loader
@@ -176,4 +176,29 @@ def evaluate_run(run_dir: Path, data: str | None = None, overrides: list[str] = 
     path = Path(results) if results else run_dir / "evaluations" / f"{cfg.data.name}-{split}.json"
     write_json(path, out)
     print(f"{where}, {split} split ({len(labels)} images, {match}): top-1 {report['overall']:.2f}% -> {path}")
+    return out
+
+
+def logit_adjust_run(run_dir: Path, overrides: list[str] = (), results: Path | None = None) -> dict:
+    """Post-hoc logit adjustment of a finished run's classifier on the run's own data set: tau
+    chosen on its validation split, reported on its test split; the priors are the run's training
+    counts. Writes ``results`` (default RUN_DIR/evaluations/posthoc-la.json, which ``dscl sweep
+    --posthoc-la`` reads for runs whose results.json predates the adjustment)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a dscl run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", _data_overrides(None, None, list(overrides)))
+    model = load(run_dir, cfg.device)
+    splits = load_data(cfg)
+    if splits.val is None:
+        raise DataError(f"{run_dir}: its data set has no validation split to choose tau on (set data.val_per_class)")
+    train_counts = model.card.get("train_counts") or splits.train_counts
+    logits = {name: predict_logits(model.classifier, split_loader(cfg, getattr(splits, name), model.image_size,
+                                                                  model.device), device=model.device, desc=name)
+              for name in ("val", "test")}
+    out = posthoc_logit_adjustment(logits["val"], logits["test"], train_counts)
+    path = Path(results) if results else run_dir / "evaluations" / "posthoc-la.json"
+    write_json(path, out)
+    print(f"post-hoc logit adjustment: tau {out['tau']:g} (validation top-1 {out['val_top1']:.2f}%), "
+          f"test top-1 {out['overall']:.2f}% -> {path}")
     return out

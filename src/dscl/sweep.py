@@ -26,6 +26,7 @@ from .config import config_from_dict, flatten_config, load_config, parse_overrid
 from .engine.checkpoint import atomic_write_text
 from .engine.rundir import RunDir
 from .errors import ConfigError, DSCLError
+from .methods import REGISTRY
 
 METRICS = ("overall", "many", "medium", "few", "val_top1", "train_s")
 
@@ -109,9 +110,11 @@ PAPER_CURVES = {
 
 
 def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: list[int], out: Path, *,
-          select: str | None = None, summary_only: bool = False, layout: str | None = None) -> list[dict]:
+          select: str | None = None, summary_only: bool = False, layout: str | None = None,
+          posthoc: bool = False) -> list[dict]:
     """Run every combination x seed (unless ``summary_only``) and write the summaries; with
-    ``layout`` (a key of :data:`LAYOUTS`) the combinations are that table's rows."""
+    ``layout`` (a key of :data:`LAYOUTS`) the combinations are that table's rows; with ``posthoc``
+    each is followed by its post-hoc logit-adjusted row."""
     from .engine import run, setup, teardown
 
     axes = parse_grid(grid)
@@ -143,7 +146,7 @@ def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: lis
                     print(f"sweep: run failed, recorded in {path / 'error.txt'}: {exc}", flush=True)
                 finally:
                     teardown()
-    rows = summarise(out, combos, seeds, select, layout)
+    rows = summarise(out, combos, seeds, select, layout, posthoc)
     if layout is None and len(axes) == 1 and len(axes[0][1]) > 1:
         _write_curve(out, axes[0][0], axes[0][1], rows)
     return rows
@@ -188,23 +191,25 @@ def _alive(lock: Path) -> bool:
 
 
 def _reuse_stage1(path: Path, config: dict, candidates: list[Path]) -> None:
-    """A run that differs from a finished stage 1 under the same --out (of this grid or of an
-    earlier one) only in ``linear.*`` keys starts from a copy of that stage-1 checkpoint instead
-    of training it again; its log says where the copy came from."""
+    """A run whose stage 1 equals a finished one under the same --out (of this grid or of an
+    earlier one: the configs differ only in ``linear.*`` keys, or in a method that trains the
+    same stage 1, as cRT does CE's) starts from a copy of that stage-1 checkpoint instead of
+    training it again; its log says where the copy came from."""
     if (path / "config.yaml").is_file():
         return
-    mine = _comparable(flatten_config(config), "linear.")
+    mine = _stage1_of(flatten_config(config))
     for other in candidates:
         done = other / "checkpoints" / "pretrain.pt"
         saved = _saved_config(other)
         if other == path or saved is None or not done.is_file():
             continue
-        if _comparable(saved, "linear.") == mine:
+        if _stage1_of(saved) == mine:
             run_dir = RunDir(path)
             run_dir.prepare(config, resume=False)
             (path / "checkpoints").mkdir(exist_ok=True)
             shutil.copyfile(done, path / "checkpoints" / "pretrain.pt")
-            run_dir.log(f"stage 1 reused from {other} (same configuration apart from linear.*)")
+            run_dir.log(f"stage 1 reused from {other} (the same stage 1: configuration equal apart from "
+                        f"linear.* and the method's stage 2)")
             return
 
 
@@ -225,10 +230,21 @@ def _saved_config(path: Path) -> dict | None:
 
 def _comparable(flat: dict, *skip: str) -> dict:
     """The keys that make two runs different runs: not ``logging.*`` (what is recorded, not what
-    is trained), nor the given prefixes, nor the DSCL weight for the methods that never read it."""
-    if not str(flat.get("method", "")).startswith("dscl"):
+    is trained), nor the given prefixes, nor the keys the run's method never reads (the DSCL
+    weight, the logit adjustment's tau)."""
+    method = REGISTRY.get(str(flat.get("method")))
+    if method is None or not method.decoupled:
         skip = (*skip, "pretrain.alpha", "pretrain.beta")
+    if method is None or not method.logit_adjusted:
+        skip = (*skip, "pretrain.la_tau")
     return {k: v for k, v in flat.items() if not k.startswith(("logging.", *skip))}
+
+
+def _stage1_of(flat: dict) -> dict:
+    """What decides a run's stage 1: its config without ``linear.*``, the method named by the
+    stage 1 it trains (cRT's is CE's)."""
+    method = REGISTRY.get(str(flat.get("method")))
+    return _comparable(flat, "linear.") | {"method": method.stage1 if method else flat.get("method")}
 
 
 # Keys a finished run may differ in and still be the same run: where the data and the device were.
@@ -254,25 +270,28 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def summarise(out: Path, combos: list[Combination], seeds: list[int], select: str | None = None,
-              layout: str | None = None) -> list[dict]:
+              layout: str | None = None, posthoc: bool = False) -> list[dict]:
     """summary.csv, summary.md and per_class.png (with a layout: ``<layout>.md`` / ``.csv``)
-    from the run folders under ``out``."""
+    from the run folders under ``out``; with ``posthoc``, each combination is followed by a row
+    of the same classifiers with post-hoc logit adjustment."""
     rows, curves = [], []
     for combo in combos:
-        results, failed = [], []
+        results, failed, adjusted = [], [], []
         for seed in seeds:
             path = out / combo.folder / f"seed{seed}"
             if (path / "results.json").is_file():
                 results.append(json.loads((path / "results.json").read_text()))
                 results[-1].setdefault("train_s", _epoch_seconds(path))
+                adjusted.append(posthoc_results(path, results[-1]))
             elif (path / "error.txt").is_file():
                 failed.append(f"seed {seed}: {(path / 'error.txt').read_text().strip()}")
-        row = {"combination": combo.name, "runs": len(results), "failed": len(failed)}
+        row = _row(combo.name, results, len(failed))
         if layout is not None:
             row["paper_overall"] = combo.paper
-        for metric in METRICS:
-            row[metric], row[f"{metric}_std"] = mean_std([r.get(metric) for r in results])
         rows.append(row)
+        adjusted = [a for a in adjusted if a is not None]
+        if adjusted and posthoc:  # the same classifiers, post-hoc logit-adjusted (no training)
+            rows.append(_row(f"{combo.name} + post-hoc LA", adjusted))
         if results:
             per_class = [mean_std([r["per_class"][c] for r in results])[0] for c in range(len(results[0]["per_class"]))]
             curves.append((combo.name, results[0]["train_counts"], per_class))
@@ -289,6 +308,26 @@ def summarise(out: Path, combos: list[Combination], seeds: list[int], select: st
         plot_per_class(out / f"{'per_class' if layout is None else layout + '_per_class'}.png", curves)
     print("\n" + format_summary(rows, seeds, select), flush=True)
     return rows
+
+
+def _row(name: str, results: list[dict], failed: int = 0) -> dict:
+    """One summary row: mean and std over the runs' results of each of :data:`METRICS`."""
+    row = {"combination": name, "runs": len(results), "failed": failed}
+    for metric in METRICS:
+        row[metric], row[f"{metric}_std"] = mean_std([r.get(metric) for r in results])
+    return row
+
+
+POSTHOC_FILE = "evaluations/posthoc-la.json"  # where ``dscl evaluate --logit-adjust`` puts it for older runs
+
+
+def posthoc_results(path: Path, results: dict) -> dict | None:
+    """A finished run's post-hoc logit adjustment: from its results.json, or for runs made
+    before dscl computed it, from ``dscl evaluate RUN --logit-adjust``; None when neither has it."""
+    if "posthoc_la" in results:
+        return results["posthoc_la"]
+    extra = path / POSTHOC_FILE
+    return json.loads(extra.read_text()) if extra.is_file() else None
 
 
 def _epoch_seconds(path: Path) -> float | None:

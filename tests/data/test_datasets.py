@@ -3,6 +3,10 @@
 import json
 import os
 import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,6 +340,35 @@ def test_cifar_validation_from_left_out_images(tmp_path, monkeypatch):
     assert isinstance(splits.val.data, np.ndarray)
 
 
+def test_cifar_holdout_is_the_same_for_every_run_seed(tmp_path, monkeypatch):
+    """Every run seed trains and validates on the same images (the seed moves the training
+    order and the weights, never the split).
+
+    Guards against:
+    - the validation hold-out drawn with the run seed (each seed would validate on other images);
+    - the long-tailed training subset drawn with the run seed instead of LDAM's seed 0.
+    """
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar(10))
+    seed0 = build_splits("cifar10-lt", str(tmp_path), val_per_class=20, seed=0)
+    seed1 = build_splits("cifar10-lt", str(tmp_path), val_per_class=20, seed=1)
+    assert len(seed0.val) == 200 and seed0.val.targets == seed1.val.targets
+    assert np.array_equal(seed0.val.data, seed1.val.data)
+    assert seed0.train.targets == seed1.train.targets and np.array_equal(seed0.train.data, seed1.train.data)
+
+
+def test_imagefolder_holdout_is_the_same_for_every_run_seed(tmp_path):
+    """The image-folder hold-out, as for CIFAR: the same files whatever the run seed.
+
+    Guards against:
+    - the validation hold-out (or the long-tailed subset) of an image folder drawn with the run seed.
+    """
+    make_folder(str(tmp_path), [20] * 5, test_per_class=1)
+    seed0 = build_splits("imagefolder", str(tmp_path), imbalance_ratio=10, val_per_class=2, seed=0)
+    seed1 = build_splits("imagefolder", str(tmp_path), imbalance_ratio=10, val_per_class=2, seed=1)
+    assert len(seed0.val) == 10 and seed0.val.paths == seed1.val.paths
+    assert seed0.train.paths == seed1.train.paths
+
+
 def test_cifar_files_missing_without_download(tmp_path):
     with pytest.raises(DataError, match=re.escape(str(tmp_path)) + ".*data.download: true"):
         build_splits("cifar10-lt", str(tmp_path))
@@ -364,12 +397,60 @@ def test_unknown_name_lists_known_ones():
     assert all(name in str(info.value) for name in DATASET_NAMES)
 
 
-@pytest.mark.skipif(not os.environ.get("DSCL_CIFAR10_JPEG"),
-                    reason="set DSCL_CIFAR10_JPEG to an unpacked cifar10-jpeg folder")
-def test_cifar10_jpeg_folder_gives_cifar10_lt():
-    splits = build_splits("imagefolder", os.environ["DSCL_CIFAR10_JPEG"], imbalance_ratio=100)
-    assert len(splits.train) == 12406 and len(splits.test) == 10000
-    assert splits.train_counts == longtail_counts(5000, 10, 100) and splits.image_size == 32
+# CI clones the repository into a folder beside a copy of the project's shared/ folder.
+CIFAR10_JPEG = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def unpack(archive, into):
+    """``tar xzf`` where there is one (1-2 s for the 60,000 files; Python's tarfile takes ~20 s)."""
+    if shutil.which("tar"):
+        subprocess.run(["tar", "xzf", str(archive), "-C", str(into)], check=True)
+    else:
+        with tarfile.open(archive) as tar:
+            tar.extractall(into, filter="data")
+
+
+@pytest.mark.skipif(not CIFAR10_JPEG.is_file(),
+                    reason="real-data test: no ../shared/data/cifar10-jpeg.tar.gz beside the repository "
+                           "(CI has one; see shared/data/README.md)")
+def test_cifar10_jpeg_folder_gives_the_published_cifar10_lt_split(tmp_path):
+    """CIFAR-10 as JPEG files (the shared archive, real data): the split the published
+    CIFAR-10-LT tables use, 12,386 training + 200 validation images and the 10,000 test images.
+
+    Guards against:
+    - a long-tailed subset other than LDAM-DRW's (seed 0, per-class shuffle of the sorted files);
+    - validation images taken from the test split, left in the training split, unbalanced, or
+      taken from the tail classes' kept images instead of those the subset left out;
+    - class indices in another order than CIFAR-10's (airplane ... truck).
+    """
+    unpack(CIFAR10_JPEG, tmp_path)
+    root = tmp_path / "cifar10-jpeg"
+    try:
+        check_published_split(root)
+    finally:  # 236 MB of files: not left behind in pytest's kept temporary folders
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def check_published_split(root):
+    splits = build_splits("imagefolder", str(root), imbalance_ratio=100, val_per_class=20)
+    assert splits.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                              "truck"]
+    counts = longtail_counts(5000, 10, 100)
+    assert counts == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50] and sum(counts) == 12406
+    assert splits.train_counts == [4980] + counts[1:]  # the head class gives up the 20 it keeps for validation
+    assert len(splits.train) == 12386 and len(splits.val) == 200 and len(splits.test) == 10000
+    assert np.bincount(splits.val.targets).tolist() == [20] * 10
+    assert np.bincount(splits.test.targets).tolist() == [1000] * 10
+    assert splits.image_size == 32 and splits.bad_files == []
+    train, val = set(splits.train.paths), set(splits.val.paths)
+    assert not train & val and all(os.path.relpath(p, root).startswith("train" + os.sep) for p in val)
+    per_class = [sorted(str(p) for p in (root / "train" / c).iterdir()) for c in splits.classes]
+    assert [len(files) for files in per_class] == [5000] * 10
+    ldam = ldam_select(per_class, counts)
+    assert train <= set(ldam) and len(set(ldam) - train) == 20  # the standard 12,406 less 20 head images
+    head = set(per_class[0])
+    assert all(p in head for p in set(ldam) - train)
+    assert not (val - head) & set(ldam)  # the other classes' validation images are ones the subset left out
 
 
 def test_view_batches_through_a_dataloader():

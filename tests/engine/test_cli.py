@@ -5,17 +5,39 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
+import dscl
 from dscl.cli import main
+from dscl.data import SyntheticLongTailed, longtail_counts
 
 
 def run_cli(*args):
     return main([str(a) for a in args])
 
 
+def recomputed_test_accuracy(run_dir):
+    """Overall and per-class top-1 (%) of the run's saved classifier on the synthetic test split,
+    generated here from the TINY settings, predicted image by image from PIL images."""
+    model = dscl.load(run_dir)
+    test = SyntheticLongTailed("test", num_classes=5, n_max=60, imbalance_ratio=10, n_per_class_eval=10, seed=0)
+    images, labels = zip(*(test[i] for i in range(len(test))))
+    with torch.no_grad():
+        preds = model(torch.stack([model.transform(image) for image in images])).argmax(1).tolist()
+    correct = [p == y for p, y in zip(preds, labels)]
+    per_class = [100.0 * sum(c for c, y in zip(correct, labels) if y == k) / labels.count(k) for k in range(5)]
+    return 100.0 * sum(correct) / len(correct), per_class
+
+
 @pytest.mark.parametrize("method", ["dscl+pbsd", "ce"])
 def test_run_writes_everything(tmp_path, tiny_overrides, method):
+    """Guards against (besides missing files or keys):
+    - results.json's accuracies not those of the saved classifier on the test split (evaluated
+      on the validation or training split, labels misaligned, a fraction instead of percent,
+      or a classifier other than the one saved);
+    - train_counts other than the long-tailed construction of the data.
+    """
     out = tmp_path / "run"
     sets = [x for o in tiny_overrides + [f"method={method}"] for x in ("--set", o)]
     assert run_cli("run", "--out", out, *sets) == 0
@@ -24,7 +46,9 @@ def test_run_writes_everything(tmp_path, tiny_overrides, method):
         assert key in results
     assert results["method"] == method
     assert len(results["per_class"]) == len(results["train_counts"]) == 5
-    assert 0.0 <= results["overall"] <= 100.0
+    overall, per_class = recomputed_test_accuracy(out)
+    assert results["overall"] == pytest.approx(overall) and results["per_class"] == pytest.approx(per_class)
+    assert results["train_counts"] == longtail_counts(60, 5, 10) and results["test_images"] == 50
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["method"] == method and saved["pretrain"]["epochs"] == 2
     rows = (out / "metrics.csv").read_text().splitlines()

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from dscl.cli import main
 from dscl.config import load_config
+from dscl.data import CIFAR_MEAN, CIFAR_STD, SyntheticLongTailed
+from dscl.engine.checkpoint import load_checkpoint
 from dscl.engine.evaluate import knn_predict
 from dscl.engine.pretrain import build_stage1_model
 from dscl.losses import key_probability
@@ -67,16 +69,51 @@ def test_patch_crops_stay_out_of_the_running_statistics():
     assert not torch.allclose(running_mean_after(True), model.encoder.bn1.running_mean)
 
 
+def reference_knn_top1(encoder, train, val, k) -> float:
+    """Cosine k-NN top-1 (%) of the validation images against the training images, written
+    out here: features of the un-augmented images (CIFAR normalisation) in eval mode, each
+    validation image voting with the summed similarity of its k most similar training images."""
+
+    def features(split):
+        x = torch.from_numpy(split.data).permute(0, 3, 1, 2).float() / 255
+        x = (x - torch.tensor(CIFAR_MEAN)[:, None, None]) / torch.tensor(CIFAR_STD)[:, None, None]
+        with torch.no_grad():
+            return F.normalize(encoder.eval()(x).double(), dim=1)
+
+    bank, queries = features(train), features(val)
+    correct = 0
+    for query, label in zip(queries, val.targets):
+        sims = (bank @ query).tolist()
+        votes = {}
+        for j in sorted(range(len(sims)), key=lambda j: -sims[j])[:k]:
+            votes[train.targets[j]] = votes.get(train.targets[j], 0.0) + sims[j]
+        correct += max(votes, key=votes.get) == label
+    return 100.0 * correct / len(val.targets)
+
+
 def test_every_epoch_logs_the_health_signals_and_a_long_queue_warns(tmp_path, tiny_overrides):
+    """The logged k-NN top-1 of the last epoch is the one the saved stage-1 encoder gives.
+
+    Guards against:
+    - the k-NN signal measured on the test split (or the training split) instead of validation;
+    - labels misaligned with the features, a fraction logged instead of a percentage, another
+      k than pretrain.knn_k, or the accuracy of an encoder other than the one saved.
+    """
     out = tmp_path / "run"
-    overrides = tiny_overrides + ["method=dscl", "pretrain.queue_size=500", "pretrain.knn_every=1"]
+    overrides = tiny_overrides + ["method=dscl", "pretrain.queue_size=500", "pretrain.knn_every=1",
+                                  "pretrain.knn_k=5"]
     assert main(["pretrain", "--out", str(out), *[x for o in overrides for x in ("--set", o)]]) == 0
     header, *rows = (out / "metrics.csv").read_text().splitlines()
     columns = header.split(",")
     assert "knn_top1" in columns and "p_key" in columns
-    for row in rows:
-        values = dict(zip(columns, row.split(",")))
-        assert 0.0 <= float(values["knn_top1"]) <= 100.0
-        assert 0.0 < float(values["p_key"]) < 1.0
+    values = [dict(zip(columns, row.split(","))) for row in rows]
+    assert len(values) == 2 and all(0.0 < float(v["p_key"]) < 1.0 for v in values)
+    cfg = load_config(out / "config.yaml")
+    model = build_stage1_model(cfg, 5)
+    model.load_state_dict(load_checkpoint(out / "checkpoints" / "pretrain.pt")["model"])
+    options = dict(num_classes=5, n_max=60, imbalance_ratio=10, n_per_class_eval=10, seed=0)
+    train, val = (SyntheticLongTailed(split, **options) for split in ("train", "val"))
+    expected = reference_knn_top1(model.encoder, train, val, k=5)
+    assert float(values[-1]["knn_top1"]) == pytest.approx(expected, abs=1e-3)
     log = (out / "log.txt").read_text()
     assert "pretrain.queue_size 500 exceeds the 127 training images" in log

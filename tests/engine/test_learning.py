@@ -31,10 +31,16 @@ def class_gap(model, images, labels) -> float:
     return float(sims[same & off_diagonal].mean() - sims[~same].mean())
 
 
-def test_dscl_stage1_separates_classes_on_a_fixed_batch():
-    # Bug caught: any break of the stage-1 step that stops the representation from learning
-    # (a gradient that does not reach the encoder, keys or labels misaligned with the queries,
-    # collapse through the momentum encoder); the loss value alone is too noisy to show it.
+def test_dscl_stage1_separates_classes_on_held_out_images():
+    """Stage 1 trained on a fixed batch of 32 training images separates the classes of the 128
+    other training images, which it never sees (same-class cosines rise above different-class ones).
+
+    Guards against:
+    - any break of the stage-1 step that stops the representation from learning (a gradient
+      that does not reach the encoder, keys or labels misaligned with the queries, collapse
+      through the momentum encoder); the loss value alone is too noisy to show it;
+    - a "gain" that is memorisation of the 32 trained images only (measured on others here).
+    """
     cfg = load_config(None, ["method=dscl", *SMALL])
     splits = load_data(cfg)
     targets = np.asarray(splits.train.targets)
@@ -43,9 +49,12 @@ def test_dscl_stage1_separates_classes_on_a_fixed_batch():
     torch.manual_seed(0)
     model = build_stage1_model(cfg, 4).train()
     transform = stage1_transform(cfg, 32, on_device=True)
-    plain = transform.normalise(images.permute(0, 3, 1, 2).float() / 255)
+    rest = np.setdiff1d(np.arange(len(targets)), index)  # the 4 x 32 training images it never sees
+    held_out = transform.normalise(torch.from_numpy(splits.train.data[rest]).permute(0, 3, 1, 2).float() / 255)
+    held_out_labels = torch.as_tensor(targets[rest])
+    assert np.bincount(targets[rest]).tolist() == [32] * 4
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.pretrain.lr, momentum=0.9)
-    before = class_gap(model, plain, labels)
+    before = class_gap(model, held_out, held_out_labels)
     for step in range(40):
         views = transform(images, generator=torch.Generator().manual_seed(step))
         loss, parts = stage1_losses(model, (views, labels), cfg, torch.device("cpu"))
@@ -53,8 +62,9 @@ def test_dscl_stage1_separates_classes_on_a_fixed_batch():
         loss.backward()
         optimizer.step()
         model.queue.enqueue(parts["_keys"], labels)
-    after = class_gap(model, plain, labels)
-    assert after > before + 0.02, f"same- minus different-class cosine {before:.4f} -> {after:.4f}"
+    after = class_gap(model, held_out, held_out_labels)
+    # measured: 0.002 -> 0.104 (CPU, torch 2.x); half of that rise is asked
+    assert after > before + 0.05, f"same- minus different-class cosine {before:.4f} -> {after:.4f}"
 
 
 def test_ce_run_lowers_its_loss_and_beats_chance_on_validation(tmp_path):
@@ -69,3 +79,25 @@ def test_ce_run_lowers_its_loss_and_beats_chance_on_validation(tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
     results = json.loads((out / "results.json").read_text())
     assert results["val_top1"] >= 50.0, results["val_top1"]
+
+
+def test_dscl_pipeline_beats_chance_on_the_held_out_test_split(tmp_path):
+    """A whole DSCL run (stage 1, stage 2 on the frozen backbone, evaluation) classifies the 100
+    test images it never trained on far above chance (25 %, four balanced classes).
+
+    Measured on this budget: 74 % test, 79 % validation (CPU, torch 2.x); 50 % is asked.
+    Stage 2 on a random backbone also scores high on this easy data (84 % measured), so this
+    guards the pipeline's wiring; that stage 1 learns is shown by the held-out cosine test above.
+
+    Guards against:
+    - stage 2 training a classifier that is never kept or loaded (a fresh layer evaluated);
+    - the test (or validation) predictions compared with misaligned or other labels;
+    - a stage 2 that does not train (no optimiser step, or a zero learning rate reaching it).
+    """
+    out = tmp_path / "dscl"
+    overrides = ["method=dscl", *SMALL, "pretrain.lr=0.4", "pretrain.epochs=5", "pretrain.warmup_epochs=1",
+                 "pretrain.knn_every=0", "linear.epochs=10", "linear.milestones=[]", "linear.augment=false"]
+    assert main(["run", "--out", str(out), *[x for o in overrides for x in ("--set", o)]]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_images"] == 100 and results["stage2"]["selected_on"] == "val"
+    assert results["overall"] >= 50.0 and results["val_top1"] >= 50.0, results

@@ -80,14 +80,22 @@ def random_inputs(batch=8, dim=16, queue_size=20, classes=3, empty=5, seed=0):
     return query, key, labels, queue, queue_labels
 
 
+@pytest.mark.parametrize("loss", [decoupled_supcon_loss, dense_decoupled_supcon_loss], ids=["factorised", "dense"])
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0, 0.0, None])
 @pytest.mark.parametrize("tau", [0.07, 0.5])
 @pytest.mark.parametrize("shape", [(8, 16, 20, 3, 5), (5, 8, 7, 10, 0), (4, 8, 0, 2, 0), (6, 8, 9, 50, 9)])
-def test_matches_reference(alpha, tau, shape):
+def test_matches_reference(alpha, tau, shape, loss):
+    """Both implementations (the factorised one trained with, the dense one `dscl bench --reference`
+    times) against the per-anchor reference above, which shares no code with either.
+
+    Guards against:
+    - a wrong weight, normaliser or positive set in either form;
+    - empty queue slots (label -1) taking part (the dense form drops them through `valid_queue`).
+    """
     batch, dim, queue_size, classes, empty = shape
     inputs = random_inputs(batch, dim, queue_size, classes, empty, seed=batch + queue_size)
     expected = reference_loss(*inputs, alpha=alpha, tau=tau)
-    actual = decoupled_supcon_loss(*inputs, alpha=alpha, temperature=tau)
+    actual = loss(*inputs, alpha=alpha, temperature=tau)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 

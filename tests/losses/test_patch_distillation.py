@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dscl.losses import PatchDistillationLoss, patch_distillation_loss
+from dscl.losses.dense import dense_patch_distillation_loss
 
 
 def reference_loss(teacher, student, key, queue, queue_labels, tau):
@@ -30,13 +31,20 @@ def random_inputs(batch=4, patches=3, dim=16, queue_size=12, empty=4, seed=0):
     return teacher, student, key, queue, queue_labels
 
 
+@pytest.mark.parametrize("loss", [patch_distillation_loss, dense_patch_distillation_loss], ids=["factorised", "dense"])
 @pytest.mark.parametrize("tau", [0.07, 0.2, 1.0])
 @pytest.mark.parametrize("shape", [(4, 3, 16, 12, 4), (2, 5, 8, 0, 0), (3, 1, 8, 30, 29), (1, 5, 32, 40, 0)])
-def test_matches_reference(tau, shape):
+def test_matches_reference(tau, shape, loss):
+    """Both implementations (the one trained with, the dense one `dscl bench --reference` times)
+    against the per-patch reference above, which shares no code with either.
+
+    Guards against:
+    - empty queue slots taking part (the dense form drops them through `valid_queue`);
+    - the teacher and student swapped, the own key left out, or a wrong temperature.
+    """
     batch, patches, dim, queue_size, empty = shape
     inputs = random_inputs(batch, patches, dim, queue_size, empty, seed=sum(shape))
-    torch.testing.assert_close(patch_distillation_loss(*inputs, temperature=tau),
-                               reference_loss(*inputs, tau), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss(*inputs, temperature=tau), reference_loss(*inputs, tau), rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_reaches_student_only():

@@ -128,7 +128,7 @@ def random_box(size: int, scale: tuple[float, float], seed: int = 0) -> tuple[fl
 def _space_of(path: Path, cfg, num_classes: int) -> FeatureSpace:
     from .runs import classifier, run_checkpoint, stage1_model
 
-    if cfg.method == "ce":  # no projection head: the classifier's backbone
+    if not cfg.method_spec.contrastive:  # no projection head: the classifier's backbone
         run_checkpoint(path, cfg, "pretrain")
         return FeatureSpace(classifier(path, cfg, num_classes).backbone)
     model = stage1_model(path, cfg, num_classes)

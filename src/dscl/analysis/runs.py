@@ -82,12 +82,12 @@ def stage1_model(path: Path, cfg: Config, num_classes: int, checkpoint: str | Pa
     from ..engine.seeding import mix_seed, seed_everything
 
     _one_backbone(path, cfg)
-    as_contrast = cfg if cfg.method != "ce" else _as_contrastive(cfg)
+    as_contrast = cfg if cfg.method_spec.contrastive else _as_contrastive(cfg)
     seed_everything(mix_seed(cfg.seed, 0))
     model = build_stage1_model(as_contrast, num_classes)
     if not initial:
-        if cfg.method == "ce":
-            raise ConfigError(f"{path} is a ce run: it has no contrastive stage 1 (no projection head, "
+        if not cfg.method_spec.contrastive:
+            raise ConfigError(f"{path} is a {cfg.method} run: it has no contrastive stage 1 (no projection head, "
                               f"no queue); use a scl / dscl run, or the initial weights")
         state = run_checkpoint(path, cfg, "pretrain", checkpoint)
         if "model" not in state:
@@ -115,7 +115,7 @@ def classifier(path: Path, cfg: Config, num_classes: int) -> Classifier:
 
     _one_backbone(path, cfg)
     stage1 = run_checkpoint(path, cfg, "pretrain")["model"]
-    if cfg.method == "ce":
+    if not cfg.method_spec.stage2:
         model = build_stage1_model(cfg, num_classes)
         _load_state(model, stage1, str(path / "checkpoints/pretrain.pt"))
         return model.eval()

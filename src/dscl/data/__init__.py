@@ -4,7 +4,7 @@ from dscl.data.datasets import DATASET_NAMES, DataSplits, TransformedDataset, bu
 from dscl.data.images import (IMAGE_EXTENSIONS, ArrayDataset, ImageListDataset,
                               find_bad_images, load_rgb)
 from dscl.data.longtail import holdout_indices, longtail_counts, longtail_indices, shot_groups
-from dscl.data.samplers import ClassBalancedSampler
+from dscl.data.samplers import ClassBalancedSampler, NaturalSampler
 from dscl.data.synthetic import SyntheticLongTailed
 from dscl.data.transforms import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD,
                                   ViewPatchTransform, ce_train_transform, eval_transform,
@@ -15,6 +15,7 @@ __all__ = [
     "CIFAR_MEAN",
     "CIFAR_STD",
     "ClassBalancedSampler",
+    "NaturalSampler",
     "DATASET_NAMES",
     "DataSplits",
     "IMAGENET_MEAN",

@@ -86,3 +86,16 @@ class ClassBalancedSampler(Sampler[int]):
             reps = math.ceil(total / draws.numel())
             draws = draws.repeat(reps)[:total]
         return iter(draws[self.rank : total : self.world_size].tolist())
+
+
+class NaturalSampler(ClassBalancedSampler):
+    """Instance-uniform sampling: each epoch's stream is a fresh permutation of all indices
+    (repeated when ``num_samples`` exceeds them), so classes come at their training frequency.
+    Sharded across ranks as :class:`ClassBalancedSampler`. Stage 2 uses it with a
+    logit-adjusted loss instead of class-balanced draws."""
+
+    def stream(self, epoch: int | None = None) -> torch.Tensor:
+        g = torch.Generator()
+        g.manual_seed(self.seed + (self.epoch if epoch is None else int(epoch)))
+        n, size = self.num_samples, self._by_class.numel()
+        return torch.cat([torch.randperm(size, generator=g) for _ in range(math.ceil(n / size))])[:n]

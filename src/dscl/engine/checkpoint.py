@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from ..errors import CheckpointError
+from ..methods import REGISTRY
 
 # Keys of the config that define what a run IS; a resume that changes any of them is refused.
 IDENTITY_KEYS = ("method", "seed", "data.name", "data.root", "data.imbalance_ratio", "model.backbone",
@@ -77,7 +78,14 @@ def _lookup(values: dict, dotted: str) -> Any:
     return values
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Lines ``key: saved -> current`` for every identity key that differs."""
+def config_differences(saved: dict, current: dict, stage: str | None = None) -> list[str]:
+    """Lines ``key: saved -> current`` for every identity key that differs. For a stage-1
+    checkpoint (``stage="pretrain"``) two methods that train the same stage 1 (ce and crt) match."""
+    def value(config: dict, key: str):
+        found = _lookup(config, key)
+        if key == "method" and stage == "pretrain" and found in REGISTRY:
+            return REGISTRY[found].stage1
+        return found
+
     return [f"{key}: {_lookup(saved, key)!r} -> {_lookup(current, key)!r}" for key in IDENTITY_KEYS
-            if _lookup(saved, key) != _lookup(current, key)]
+            if value(saved, key) != value(current, key)]

@@ -1,4 +1,5 @@
-"""Top-1 accuracy overall and by Many / Medium / Few shot group (SPEC section 6)."""
+"""Top-1 accuracy overall and by Many / Medium / Few shot group (SPEC section 6), k-NN, and the
+post-hoc logit adjustment of a trained classifier (SPEC section 11)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import shot_groups
+from ..losses import log_prior, posthoc_adjust
 
 
 @torch.no_grad()
@@ -29,6 +31,12 @@ def predict(model: nn.Module, loader, *, device: torch.device, progress: bool = 
             desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted and true labels of every (images, labels) batch of ``loader``, model in eval mode."""
     return _outputs(model, loader, device, lambda logits: logits.argmax(1), progress, desc)
+
+
+def predict_logits(model: nn.Module, loader, *, device: torch.device, progress: bool = True,
+                   desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) float logits and (N,) true labels of every batch of ``loader``, model in eval mode."""
+    return _outputs(model, loader, device, lambda logits: logits.float(), progress, desc)
 
 
 def extract_features(backbone: nn.Module, loader, *, device: torch.device, progress: bool = False,
@@ -70,3 +78,19 @@ def accuracy_report(preds: torch.Tensor, labels: torch.Tensor, train_counts: Seq
         report[group] = sum(values) / len(values) if values else None
     report["per_class"] = per_class
     return report
+
+
+TAU_GRID = tuple(0.25 * i for i in range(9))  # 0, 0.25, ..., 2 (SPEC section 11)
+
+
+def posthoc_logit_adjustment(val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                             train_counts: Sequence[int], taus: Sequence[float] = TAU_GRID) -> dict:
+    """Post-hoc logit adjustment (Menon et al. 2021) of a trained classifier: predict
+    ``argmax_y f_y(x) - tau * log pi_y``, tau chosen on the validation split (the smallest of the
+    best), then the test split's report at that tau. ``val`` / ``test``: (logits (N, C), labels)."""
+    log_pi = log_prior(train_counts)
+    by_tau = {tau: accuracy_report(posthoc_adjust(val[0], log_pi, tau).argmax(1), val[1], train_counts)["overall"]
+              for tau in taus}
+    tau = max(by_tau, key=lambda t: (by_tau[t], -t))
+    report = accuracy_report(posthoc_adjust(test[0], log_pi, tau).argmax(1), test[1], train_counts)
+    return {"tau": tau, "val_top1": by_tau[tau], **report, "val_top1_by_tau": {f"{t:g}": v for t, v in by_tau.items()}}

@@ -1,4 +1,5 @@
-"""Stage 2: a fresh linear classifier on the frozen backbone, with class-balanced sampling.
+"""Stage 2: a fresh linear classifier on the frozen backbone, with class-balanced sampling (or,
+with ``linear.rebalance: loss``, natural sampling and the logit-adjusted loss).
 
 The backbone stays in eval mode (BatchNorm statistics frozen) and takes no gradient; after
 training we check, bit for bit, that none of its weights or buffers changed (as MoCo v3's
@@ -16,8 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import Config
-from ..data import ClassBalancedSampler, DataSplits
+from ..data import ClassBalancedSampler, DataSplits, NaturalSampler
 from ..errors import NumericalError
+from ..losses import log_prior
 from ..models import Classifier, ExpertClassifier, build_classifier
 from .distributed import Runtime, all_reduce_sum
 from .evaluate import accuracy_report, extract_features
@@ -31,7 +33,7 @@ from .views import linear_transform, split_loader
 
 def backbone_from_stage1(cfg: Config, state: dict) -> nn.Module:
     """The query encoder f of a stage-1 state dict (MomentumContrast, MultiExpertContrast or the CE Classifier)."""
-    prefix = "backbone." if cfg.method == "ce" else "encoder."
+    prefix = "encoder." if cfg.method_spec.contrastive else "backbone."
     backbone = build_encoder(cfg, zero_init_residual=False)
     backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     return backbone
@@ -103,8 +105,11 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
     fc = DistributedDataParallel(model.fc) if rt.distributed else model.fc
     local_batch = max(1, lc.batch_size // rt.world_size)
     steps = steps_per_epoch(len(splits.train), lc.batch_size, lc.steps_per_epoch)
-    sampler = ClassBalancedSampler(splits.train.targets, num_samples=steps * local_batch * rt.world_size,
-                                   seed=mix_seed(cfg.seed, 5) % 2**31, rank=rt.rank, world_size=rt.world_size)
+    balanced = lc.rebalance == "sampler"
+    sampler = (ClassBalancedSampler if balanced else NaturalSampler)(
+        splits.train.targets, num_samples=steps * local_batch * rt.world_size, seed=mix_seed(cfg.seed, 5) % 2**31,
+        rank=rt.rank, world_size=rt.world_size)
+    log_pi = None if balanced else log_prior(splits.train_counts).to(rt.device)
     if lc.augment:
         batches = EpochBatches(cfg, splits.train, lambda on_device: linear_transform(cfg, splits.image_size, on_device),
                                rt, batch=local_batch, seed=cfg.seed + 1)
@@ -123,7 +128,8 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
     val = None  # the backbone is frozen: validation features are the same every epoch
     if splits.val is not None:
         val = clean_features(backbone, cfg, splits.val, splits.image_size, rt, "validation features")
-    run.log(f"stage 2: class-balanced, {steps} steps/epoch, effective batch {local_batch * rt.world_size}, "
+    how = "class-balanced" if balanced else f"natural sampling, logit-adjusted loss (tau {lc.la_tau:g})"
+    run.log(f"stage 2: {how}, {steps} steps/epoch, effective batch {local_batch * rt.world_size}, "
             f"lr {lc.lr:g}, "
             + ("standardised " if lc.standardize else "raw ")
             + ("features of fresh augmented views, " if lc.augment
@@ -146,7 +152,8 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         for step, (features, labels) in enumerate(bar, start=start_step):
             with torch.no_grad():
                 features = model.norm(features)
-            loss = classifier_loss(fc(features), labels)
+            logits = fc(features)  # (N, C), or (N, E, C) for experts
+            loss = classifier_loss(logits if log_pi is None else logits + lc.la_tau * log_pi, labels)
             stop_if_not_finite(loss, f"stage 2, epoch {epoch + 1}, step {step + 1}", f"lower linear.lr (now {lc.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

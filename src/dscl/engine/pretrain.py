@@ -23,7 +23,8 @@ from ..analysis.tensorboard import step_scalars
 from ..config import Config
 from ..data import DataSplits
 from ..errors import ConfigError, NumericalError
-from ..losses import decoupled_supcon_loss, effective_number_weights, key_probability, patch_distillation_loss
+from ..losses import (decoupled_supcon_loss, distillation_signals, effective_number_weights, key_probability, log_prior,
+                      logit_adjusted_loss, patch_distillation_loss)
 from ..models import Classifier, MomentumContrast, build_backbone
 from .distributed import Runtime, all_gather_cat, all_reduce_sum
 from .loaders import EpochBatches, shuffled_order, steps_per_epoch
@@ -41,7 +42,7 @@ def build_stage1_model(cfg: Config, num_classes: int) -> nn.Module:
                               zero_init_residual=cfg.model.pretrained is None)
     if cfg.model.train_last_stage_only:
         backbone.freeze_early_stages()
-    if cfg.method == "ce":
+    if not cfg.method_spec.contrastive:
         return Classifier(backbone, num_classes)
     p = cfg.pretrain
     return MomentumContrast(backbone, feature_dim=cfg.model.feature_dim, queue_size=p.queue_size,
@@ -58,6 +59,11 @@ def anchor_weights(cfg: Config, train_counts) -> torch.Tensor | None:
     return effective_number_weights(torch.as_tensor(train_counts), cfg.pretrain.reweight_beta)
 
 
+def loss_priors(cfg: Config, train_counts) -> torch.Tensor | None:
+    """(C,) log class frequencies of the training split for a logit-adjusted loss, or None."""
+    return log_prior(train_counts) if cfg.method_spec.logit_adjusted else None
+
+
 def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from ``base_lr`` to 0."""
     if step < warmup:
@@ -69,11 +75,12 @@ def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
 @per_expert  # a multi-expert model: this loss for each expert, then their mean (engine/experts.py)
 def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
                   supcon=decoupled_supcon_loss, pbsd=patch_distillation_loss,
-                  class_weight: torch.Tensor | None = None,
-                  num_classes: int | None = None) -> tuple[torch.Tensor, dict]:
+                  class_weight: torch.Tensor | None = None, num_classes: int | None = None,
+                  log_pi: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Loss of one batch and its parts, for any method (``supcon`` / ``pbsd``: the loss functions;
     ``class_weight``: (C,) weights of the anchors by class, see :func:`anchor_weights`;
-    ``num_classes``: given, the losses never wait for the device to find it).
+    ``num_classes``: given, the losses never wait for the device to find it; ``log_pi``:
+    (C,) log class priors of a logit-adjusted loss, see :func:`loss_priors`).
 
     ``pretrain.patch_mode: multicrop`` replaces the distillation term by the contrastive loss of
     each crop index j, the crops ``s[:, j]`` standing as anchors whose own key is their image's
@@ -84,10 +91,11 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
     """
     views, labels = batch
     labels = labels.to(device, non_blocking=True)
-    if cfg.method == "ce":
+    if not cfg.method_spec.contrastive:
         with autocast(cfg, device):
-            logits = model(to_device(views, device, cfg))
-        loss = F.cross_entropy(logits.float(), labels)
+            logits = model(to_device(views, device, cfg)).float()
+        loss = (F.cross_entropy(logits, labels) if log_pi is None
+                else logit_adjusted_loss(logits, labels, log_pi, cfg.pretrain.la_tau))
         return loss, {"loss": loss}
     query_view, key_view, patches, boxes = views
     use_patches = cfg.uses_pbsd
@@ -112,10 +120,13 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
         loss = loss + cfg.pretrain.pbsd_weight * multicrop
         parts["multicrop"] = multicrop
     elif use_patches:
-        distill = pbsd(out.teacher.float(), out.student.float(), key, queue.keys, queue.labels,
-                       temperature=cfg.pretrain.temperature)
+        args = (out.teacher.float(), out.student.float(), key, queue.keys, queue.labels)
+        temperatures = {"temperature": cfg.pretrain.temperature,
+                        "teacher_temperature": cfg.pretrain.pbsd_teacher_temperature}
+        distill = pbsd(*args, **temperatures)
         loss = loss + cfg.pretrain.pbsd_weight * distill
         parts["pbsd"] = distill
+        parts.update(distillation_signals(*args, **temperatures))  # what the teacher asks: entropies, agreement
     parts["loss"] = loss
     parts["_keys"] = key
     return loss, parts
@@ -236,11 +247,11 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         run.metrics = state["metrics"]
     run.log(f"stage 1 ({cfg.method}): {len(splits.train)} images, {steps} steps/epoch, effective batch "
             f"{global_batch} = {rt.world_size} x {local_batch}, lr {base_lr:g} (= {p.lr:g} x {global_batch}/256)")
-    if cfg.method != "ce" and p.queue_size > len(splits.train):
+    if cfg.method_spec.contrastive and p.queue_size > len(splits.train):
         run.log(f"warning: pretrain.queue_size {p.queue_size} exceeds the {len(splits.train)} training images: "
                 f"the queue then holds stale keys of the anchor's own image, which count as its positives")
     health = KnnMonitor(cfg, splits, rt, run)
-    class_weight = anchor_weights(cfg, splits.train_counts)
+    class_weight, log_pi = anchor_weights(cfg, splits.train_counts), loss_priors(cfg, splits.train_counts)
     net = DistributedDataParallel(model) if rt.distributed else model
     batches = EpochBatches(cfg, splits.train, lambda on_device: stage1_transform(cfg, splits.image_size, on_device),
                            rt, batch=local_batch, seed=cfg.seed)
@@ -266,7 +277,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, parts = stage1_losses(net, batch, cfg, rt.device, class_weight=class_weight,
-                                        num_classes=splits.num_classes)
+                                        num_classes=splits.num_classes, log_pi=log_pi)
             # The sum of the losses since the last check is finite iff each of them is. Reading it
             # makes the host wait for the device, so a GPU reads it every CHECK_EVERY steps only
             # (and before a checkpoint): the host queues the next steps meanwhile.

@@ -76,7 +76,7 @@ class RunDir:
 
     def load(self, path: Path) -> dict:
         state = load_checkpoint(path)
-        diffs = config_differences(state.get("config", {}), self.config)
+        diffs = config_differences(state.get("config", {}), self.config, state.get("stage"))
         if diffs:
             raise CheckpointError(f"{path} belongs to a different run:\n  " + "\n  ".join(diffs))
         return state

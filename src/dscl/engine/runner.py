@@ -10,7 +10,7 @@ from ..config import Config
 from ..data import DataSplits, build_splits
 from ..models import ExpertClassifier
 from .distributed import Runtime, barrier
-from .evaluate import accuracy_report, predict
+from .evaluate import accuracy_report, posthoc_logit_adjustment, predict_logits
 from .experts import expert_results
 from .linear import backbone_from_stage1, train_linear
 from .pretrain import pretrain
@@ -54,24 +54,26 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
     if state is None:
         state = stage1_state(run_dir)
     barrier()
-    if cfg.method != "ce" and "linear" in stages:
+    if cfg.method_spec.stage2 and "linear" in stages:
         t = time.perf_counter()
         model, selection = train_linear(cfg, splits, rt, run_dir, backbone_from_stage1(cfg, state),
                                         resume and not retrained)
         timings["linear_s"] = round(time.perf_counter() - t, 2)
-    else:  # ce keeps the classifier it trained end to end; otherwise stage 2's kept layer
+    else:  # ce / ce-la keep the classifier they trained end to end; otherwise stage 2's kept layer
         model, selection = load_classifier(cfg, run_dir, splits.num_classes, state)
         model.to(rt.device)
     write_model_card(run_dir, model_card(cfg, splits, selection))  # what reusing the classifier needs
     if "evaluate" not in stages or not rt.is_main:
         return None
     t = time.perf_counter()
-    preds, labels = predict(model, split_loader(cfg, splits.test, splits.image_size, rt.device), device=rt.device)
-    val_top1 = None
+    test = predict_logits(model, split_loader(cfg, splits.test, splits.image_size, rt.device), device=rt.device)
+    preds, labels = test[0].argmax(1), test[1]
+    val_top1 = adjusted = None
     if splits.val is not None:  # the final model's validation accuracy, for choices across runs
-        val_preds, val_labels = predict(model, split_loader(cfg, splits.val, splits.image_size, rt.device),
-                                        device=rt.device, desc="val")
-        val_top1 = accuracy_report(val_preds, val_labels, splits.train_counts)["overall"]
+        val = predict_logits(model, split_loader(cfg, splits.val, splits.image_size, rt.device), device=rt.device,
+                             desc="val")
+        val_top1 = accuracy_report(val[0].argmax(1), val[1], splits.train_counts)["overall"]
+        adjusted = posthoc_logit_adjustment(val, test, splits.train_counts)
     experts = None
     if isinstance(model, ExpertClassifier):  # each expert alone, with its own linear layer
         experts = expert_results(model, split_loader(cfg, splits.test, splits.image_size, rt.device),
@@ -86,6 +88,10 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
                "wall_time_s": round(time.perf_counter() - tic, 2),
                # every epoch of both stages, whichever process (a resume, a reused stage 1) ran it
                "train_s": round(sum(row.get("seconds", 0.0) for row in run_dir.metrics), 1)}
+    if adjusted is not None:  # the same classifier with post-hoc logit adjustment, tau chosen on val
+        results["posthoc_la"] = adjusted
+        run_dir.log(f"post-hoc logit adjustment: tau {adjusted['tau']:g} (on validation), test top-1 "
+                    f"{adjusted['overall']:.2f}% (few {_fmt(adjusted['few'])})")
     if experts is not None:
         results["experts"] = experts
         run_dir.log("test top-1 of each expert alone: " + ", ".join(f"{e['overall']:.2f}%" for e in experts))

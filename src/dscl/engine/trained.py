@@ -48,14 +48,14 @@ def load_classifier(cfg: Config, run: RunDir, num_classes: int | None = None,
                     state: dict | None = None) -> tuple[Classifier | ExpertClassifier, dict]:
     """The run's classifier (on the CPU) and what results.json says of the stage-2 epoch kept.
 
-    For ``ce``, the network trained end to end in stage 1 (``checkpoints/pretrain.pt``);
-    otherwise the stage-1 backbone with the kept stage-2 linear layer and its feature
+    For a method without stage 2 (``ce``, ``ce-la``), the network trained end to end in stage 1
+    (``checkpoints/pretrain.pt``); otherwise the stage-1 backbone with the kept stage-2 linear layer and its feature
     standardisation (``checkpoints/linear_best.pt``), one of each per expert with ``model.experts > 1``.
     ``state``: the stage-1 model state when the caller has it; ``num_classes``: what the
     checkpoint must hold, when known.
     """
     state = stage1_state(run) if state is None else state
-    if cfg.method == "ce":
+    if not cfg.method_spec.stage2:
         path = run.checkpoint("pretrain")
         model = Classifier(build_backbone(cfg.model.backbone, zero_init_residual=False),
                            _classes_in(state, "fc.weight", num_classes, path))
@@ -107,7 +107,7 @@ def model_card(cfg: Config, splits: DataSplits, selection: dict | None) -> dict:
     mean, std = normalisation(splits.image_size)
     experts = {"experts": cfg.model.experts} if cfg.model.experts > 1 else {}  # model.json of experts: 1 as before
     return {"dscl_version": __version__, "method": cfg.method, "backbone": cfg.model.backbone, **experts,
-            "checkpoint": "checkpoints/pretrain.pt" if cfg.method == "ce" else "checkpoints/linear_best.pt",
+            "checkpoint": "checkpoints/linear_best.pt" if cfg.method_spec.stage2 else "checkpoints/pretrain.pt",
             "num_classes": splits.num_classes, "classes": list(splits.classes), "image_size": splits.image_size,
             "mean": list(mean), "std": list(std), "preprocessing": preprocessing(splits.image_size),
             "train_counts": splits.train_counts, "stage2": selection or None,

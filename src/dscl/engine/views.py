@@ -31,7 +31,7 @@ def patch_size(cfg: Config, size: int) -> int:
 
 def stage1_transform(cfg: Config, size: int, on_device: bool = False):
     mean, std = normalisation(size)
-    if cfg.method == "ce":
+    if not cfg.method_spec.contrastive:
         return (batched.BatchedCETransform(size, mean=mean, std=std) if on_device
                 else ce_train_transform(size, mean, std))
     scale = crop_scale(cfg, size)

@@ -39,13 +39,13 @@ def dense_decoupled_supcon_loss(query: Tensor, key: Tensor, labels: Tensor, queu
 
 
 def dense_patch_distillation_loss(teacher: Tensor, student: Tensor, key: Tensor, queue: Tensor, queue_labels: Tensor,
-                                  temperature: float = 0.07) -> Tensor:
+                                  temperature: float = 0.07, teacher_temperature: float | None = None) -> Tensor:
     queue, _ = valid_queue(queue, queue_labels)
     d = student.shape[2]
 
-    def logits(features: Tensor) -> Tensor:  # (B*L, 1 + K), the own key's logit first
+    def logits(features: Tensor, t: float) -> Tensor:  # (B*L, 1 + K), the own key's logit first
         own = (features * key[:, None, :]).sum(-1).reshape(-1, 1)
-        return torch.cat([own, features.reshape(-1, d) @ queue.T], 1) / temperature
+        return torch.cat([own, features.reshape(-1, d) @ queue.T], 1) / t
 
-    t = torch.softmax(logits(teacher.detach()), 1)
-    return -(t * torch.log_softmax(logits(student), 1)).sum(1).mean()
+    t = torch.softmax(logits(teacher.detach(), teacher_temperature or temperature), 1)
+    return -(t * torch.log_softmax(logits(student, temperature), 1)).sum(1).mean()

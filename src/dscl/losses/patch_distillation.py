@@ -20,6 +20,24 @@ from torch import Tensor, nn
 from .decoupled_supcon import EMPTY_LOGIT
 
 
+def _check(teacher: Tensor, student: Tensor, key: Tensor, *temperatures: float) -> None:
+    if teacher.shape != student.shape or teacher.ndim != 3:
+        raise ValueError("teacher and student must both be (B, L, D), "
+                         f"got {tuple(teacher.shape)} and {tuple(student.shape)}")
+    if key.shape != (teacher.shape[0], teacher.shape[2]):
+        raise ValueError(f"key must be (B, D) = {(teacher.shape[0], teacher.shape[2])}, got {tuple(key.shape)}")
+    if any(t <= 0 for t in temperatures):
+        raise ValueError(f"temperatures must be > 0, got {temperatures}")
+
+
+def _logits(features: Tensor, key: Tensor, queue: Tensor, queue_labels: Tensor,
+            temperature: float) -> tuple[Tensor, Tensor]:
+    """(B, L, D) features -> own-key logits (B*L,) and queue logits (B*L, K), empty slots masked."""
+    own = (features * key[:, None, :]).sum(-1).reshape(-1) / temperature
+    scores = features.reshape(-1, features.shape[2]) @ (queue.T / temperature)
+    return own, scores.masked_fill_(queue_labels < 0, EMPTY_LOGIT)
+
+
 def patch_distillation_loss(
     teacher: Tensor,
     student: Tensor,
@@ -27,48 +45,64 @@ def patch_distillation_loss(
     queue: Tensor,
     queue_labels: Tensor,
     temperature: float = 0.07,
+    teacher_temperature: float | None = None,
 ) -> Tensor:
     """Mean PBSD loss over every patch of every anchor.
 
     teacher: (B, L, D) normalised ROI patch features ``c`` (treated as constants).
     student: (B, L, D) normalised features of the patch crops ``s``.
     key: (B, D) normalised keys ``k``; queue: (K, D); queue_labels: (K,), -1 marks empty slots.
+    teacher_temperature: the teacher's softmax temperature; None: ``temperature`` (the paper's).
+    A lower one sharpens the teacher, as DINO-style distillation does.
     """
-    if teacher.shape != student.shape or teacher.ndim != 3:
-        raise ValueError("teacher and student must both be (B, L, D), "
-                         f"got {tuple(teacher.shape)} and {tuple(student.shape)}")
-    if key.shape != (teacher.shape[0], teacher.shape[2]):
-        raise ValueError(f"key must be (B, D) = {(teacher.shape[0], teacher.shape[2])}, got {tuple(key.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    dim = student.shape[2]
-    scaled_queue = queue.T / temperature  # (D, K)
-    empty = queue_labels < 0  # (K,): slots never filled take part in nothing
-
-    def logits(features: Tensor) -> tuple[Tensor, Tensor]:  # own key (B*L,), queue (B*L, K)
-        own = (features * key[:, None, :]).sum(-1).reshape(-1) / temperature
-        return own, (features.reshape(-1, dim) @ scaled_queue).masked_fill_(empty, EMPTY_LOGIT)
-
+    t_teacher = temperature if teacher_temperature is None else teacher_temperature
+    _check(teacher, student, key, temperature, t_teacher)
     with torch.no_grad():
-        own_t, queue_t = logits(teacher.detach())
+        own_t, queue_t = _logits(teacher.detach(), key, queue, queue_labels, t_teacher)
         log_norm = torch.logaddexp(own_t, torch.logsumexp(queue_t, 1))  # (B*L,)
         weight_own = torch.exp(own_t - log_norm)
         weight_queue = torch.exp(queue_t.sub_(log_norm[:, None]))  # teacher probabilities, in place
-    own_s, queue_s = logits(student)
+    own_s, queue_s = _logits(student, key, queue, queue_labels, temperature)
     log_z = torch.logaddexp(own_s, torch.logsumexp(queue_s, 1))
     cross = weight_own * own_s + (weight_queue * queue_s).sum(1)  # sum_m t_m * student logit_m
     return (log_z - cross).mean()
 
 
+@torch.no_grad()
+def distillation_signals(teacher: Tensor, student: Tensor, key: Tensor, queue: Tensor, queue_labels: Tensor,
+                         temperature: float = 0.07, teacher_temperature: float | None = None) -> dict[str, Tensor]:
+    """What PBSD asks of the student, per batch (means over every patch):
+
+    - ``pbsd_teacher_entropy`` / ``pbsd_student_entropy``: entropy (nats) of the teacher's and
+      the student's distribution over [own key; valid queue]; log(1 + K) is uniform;
+    - ``pbsd_teacher_own``: the teacher's probability on the anchor's own key;
+    - ``pbsd_agreement``: how often the student's most likely candidate is the teacher's.
+    """
+    t_teacher = temperature if teacher_temperature is None else teacher_temperature
+    _check(teacher, student, key, temperature, t_teacher)
+    out = {}
+    for name, features, t in (("teacher", teacher, t_teacher), ("student", student, temperature)):
+        own, scores = _logits(features.float(), key, queue, queue_labels, t)
+        log_p = torch.cat([own[:, None], scores], 1).log_softmax(1)  # (B*L, 1 + K)
+        out[name] = log_p
+        out[f"pbsd_{name}_entropy"] = -(log_p.exp() * log_p).sum(1).mean()
+    teacher_log_p, student_log_p = out.pop("teacher"), out.pop("student")
+    out["pbsd_teacher_own"] = teacher_log_p[:, 0].exp().mean()
+    out["pbsd_agreement"] = (teacher_log_p.argmax(1) == student_log_p.argmax(1)).float().mean()
+    return out
+
+
 class PatchDistillationLoss(nn.Module):
     """Module form of :func:`patch_distillation_loss`."""
 
-    def __init__(self, temperature: float = 0.07):
+    def __init__(self, temperature: float = 0.07, teacher_temperature: float | None = None):
         super().__init__()
         self.temperature = temperature
+        self.teacher_temperature = teacher_temperature
 
     def forward(self, teacher: Tensor, student: Tensor, key: Tensor, queue: Tensor, queue_labels: Tensor) -> Tensor:
-        return patch_distillation_loss(teacher, student, key, queue, queue_labels, self.temperature)
+        return patch_distillation_loss(teacher, student, key, queue, queue_labels, self.temperature,
+                                       self.teacher_temperature)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={self.temperature}, teacher_temperature={self.teacher_temperature}"
