@@ -223,3 +223,67 @@ def test_rejects_bad_input():
         BatchedEval(32)(torch.zeros(2, 32, 32, 4, dtype=torch.uint8))
     with pytest.raises(ValueError):
         BatchedViewPatch(32, 16, num_patches=-1)
+
+
+def test_fused_colour_equals_torchvision_ops_in_order():
+    # One draw of the batch's random numbers decides every column (key, query, then patches):
+    # the jitter with its probability, then grayscale, each op torchvision's on the crop.
+    from dscl.data.batched import _EVENTS, _FACTORS, _NUM_RANDOM
+
+    imgs, n = random_images(48), 3
+    t = BatchedViewPatch(32, 16, num_patches=n, mean=ZERO, std=ONE)
+    coloured = t(imgs, seeded(4))
+    t.photometric = False
+    plain = t(imgs, seeded(4))
+    u = torch.rand(48, 2 + n, _NUM_RANDOM, generator=seeded(4))
+
+    def crops(views):  # key, query, patches
+        return [views[1], views[0], *views[2].unbind(1)]
+
+    settings = [(1.0, 0.0, 0.0), (0.8, 0.1, 0.2)] + [(0.8, 0.1, 0.2)] * n  # jitter p, hue, grey p
+    jittered = greyed = 0
+    for col, (out, ref, (p_jitter, hue, p_grey)) in enumerate(zip(crops(coloured), crops(plain), settings)):
+        for i in range(48):
+            flip, jitter, grey, _ = (u[i, col, _EVENTS] < torch.tensor([0.5, p_jitter, p_grey, 0.0])).tolist()
+            b, c, s, h = u[i, col, _FACTORS].tolist()
+            img = ref[i]
+            if jitter:
+                img = F.adjust_brightness(img, 0.6 + 0.8 * b)
+                img = F.adjust_contrast(img, 0.6 + 0.8 * c)
+                img = F.adjust_saturation(img, 0.6 + 0.8 * s)
+                if hue:
+                    img = F.adjust_hue(img, hue * (2 * h - 1))
+            if grey:
+                img = F.rgb_to_grayscale(img, 3)
+            jittered, greyed = jittered + jitter, greyed + grey
+            torch.testing.assert_close(out[i], img, atol=2e-5, rtol=0)
+    assert 0 < greyed < jittered < 48 * (2 + n)
+
+
+def test_view_pipeline_is_a_few_operators():
+    # Each operator is a kernel launch on a GPU: the whole batch's views, at any batch size,
+    # stay a small fixed number of them (benchmarks/op_count.py counts the whole step).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"aten.view", "aten._unsafe_view", "aten.expand", "aten.t", "aten.transpose",
+            "aten.permute", "aten.slice", "aten.select", "aten.unsqueeze", "aten.squeeze",
+            "aten.as_strided", "aten.alias", "aten.unbind", "aten.split", "aten.empty",
+            "aten.empty_like", "aten.new_empty", "aten.new_empty_strided", "aten.empty_strided",
+            "aten.detach"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += str(func.overloadpacket) not in free
+            return func(*args, **(kwargs or {}))
+
+    t = BatchedViewPatch(32, 16, num_patches=5, mean=CIFAR_MEAN, std=CIFAR_STD)
+    counts = []
+    for b in (8, 64):
+        imgs, gen = random_images(b), seeded(0)
+        t(imgs, gen)  # plans are made once per layout
+        with Count() as count:
+            t(imgs, gen)
+        counts.append(count.n)
+    assert counts[0] == counts[1] <= 120
