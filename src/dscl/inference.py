@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import __version__
 from .config import load_config
@@ -22,6 +21,7 @@ from .data.images import is_image_file
 from .engine.checkpoint import write_json
 from .engine.evaluate import accuracy_report, posthoc_logit_adjustment, predict, predict_logits
 from .engine.runner import load_data
+from .progress import progress as progress_bar
 from .engine.trained import TrainedClassifier, load
 from .engine.views import split_loader
 from .errors import ConfigError, DataError
@@ -61,7 +61,7 @@ def predict_files(model: TrainedClassifier, files: list[str], *, topk: int = 5, 
             return exc
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(files), desc="predict", unit="image", leave=False, disable=not progress) as bar:
+            progress_bar(total=len(files), desc="predict", unit="image", leave=False, enabled=progress) as bar:
         for start in range(0, len(files), batch_size):
             batch = files[start : start + batch_size]
             images, kept = [], []

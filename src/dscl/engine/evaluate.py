@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..data import shot_groups
+from ..progress import progress as progress_bar
 from ..losses import log_prior, posthoc_adjust
 
 
@@ -20,7 +20,7 @@ def _outputs(module: nn.Module, loader, device: torch.device, post, progress: bo
     was_training = module.training
     module.eval()
     outputs, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for images, targets in progress_bar(loader, desc=desc, leave=False, enabled=progress):
         outputs.append(post(module(images.to(device, non_blocking=True))).cpu())
         labels.append(torch.as_tensor(targets).cpu())
     module.train(was_training)

@@ -14,12 +14,12 @@ import time
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from ..config import Config
 from ..data import ClassBalancedSampler, DataSplits, NaturalSampler
 from ..errors import NumericalError
 from ..losses import log_prior
+from ..progress import progress
 from ..models import Classifier, ExpertClassifier, build_classifier
 from .distributed import Runtime, all_reduce_sum
 from .evaluate import accuracy_report, extract_features
@@ -147,8 +147,8 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
             group["lr"] = lr
         sampler.set_epoch(epoch)
         total, seen, tic = 0.0, 0, time.perf_counter()
-        bar = tqdm(epoch_features(list(sampler), epoch, start_step), desc=f"linear {epoch + 1}/{lc.epochs}",
-                   initial=start_step, total=steps, disable=not rt.is_main, leave=False)
+        bar = progress(epoch_features(list(sampler), epoch, start_step), desc=f"linear {epoch + 1}/{lc.epochs}",
+                   initial=start_step, total=steps, enabled=rt.is_main, leave=False)
         for step, (features, labels) in enumerate(bar, start=start_step):
             with torch.no_grad():
                 features = model.norm(features)

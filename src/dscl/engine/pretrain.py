@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from ..analysis.tensorboard import step_scalars
 from ..config import Config
@@ -25,6 +24,7 @@ from ..data import DataSplits
 from ..errors import ConfigError, NumericalError
 from ..losses import (decoupled_supcon_loss, distillation_signals, effective_number_weights, key_probability, log_prior,
                       logit_adjusted_loss, patch_distillation_loss)
+from ..progress import progress
 from ..models import Classifier, MomentumContrast, build_backbone
 from .distributed import Runtime, all_gather_cat, all_reduce_sum
 from .loaders import EpochBatches, shuffled_order, steps_per_epoch
@@ -268,8 +268,8 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         loader = batches.epoch(order, epoch, start_step)
         net.train()
         sums, seen, tic = {}, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"pretrain {epoch + 1}/{p.epochs}", initial=start_step, total=steps,
-                   disable=not rt.is_main, leave=False)
+        bar = progress(loader, desc=f"pretrain {epoch + 1}/{p.epochs}", initial=start_step, total=steps,
+                   enabled=rt.is_main, leave=False)
         unchecked, first = None, start_step
         for step, batch in enumerate(bar, start=start_step):
             torch.manual_seed(mix_seed(cfg.seed, epoch, step, rt.rank, 3))  # key shuffle etc.
