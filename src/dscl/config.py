@@ -97,11 +97,11 @@ class LinearConfig:
     milestones: tuple[int, ...] = (20, 30)
     gamma: float = 0.1
     standardize: bool = True  # standardise the frozen features (statistics of the training set) before fc
-    # sampler: class-balanced draws, cross-entropy (SPEC section 5); loss: every image at its natural
-    # frequency, logit-adjusted cross-entropy with tau = la_tau (SPEC section 11)
+    # sampler: class-balanced draws, cross-entropy (the paper's stage 2); loss: every image at its natural
+    # frequency, logit-adjusted cross-entropy with tau = la_tau (Menon et al. 2021)
     rebalance: str = "sampler"
     la_tau: float = 1.0
-    # true: each step sees fresh training-time views of its images (SPEC section 5); false: the
+    # true: each step sees fresh training-time views of its images (the paper's stage 2); false: the
     # un-augmented features are extracted once and every epoch reuses them (seconds per epoch)
     augment: bool = True
     steps_per_epoch: int | None = None
@@ -141,7 +141,8 @@ class Config:
 
     @property
     def val_per_class(self) -> int:
-        """Validation images per class to hold out of the training images (SPEC section 9)."""
+        """Validation images per class to hold out of the training images: CIFAR-LT has no
+        validation split, and no choice may look at the test split."""
         if self.data.val_per_class is not None:
             return self.data.val_per_class
         return 20 if self.data.name in ("cifar10-lt", "cifar100-lt") else 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .figures import pyplot, save_figure
 
-GROUP_EDGES = (20, 100)  # Few < 20 <= Medium <= 100 < Many training images (SPEC section 6)
+GROUP_EDGES = (20, 100)  # Few < 20 <= Medium <= 100 < Many training images (the paper's groups)
 NOT_LOSSES = {"stage", "epoch", "lr", "seconds", "images_per_s", "p_key", "knn_top1", "val_top1"}
 
 

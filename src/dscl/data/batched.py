@@ -1,7 +1,7 @@
 """Batched view / patch augmentation of uint8 image tensors, on the images' device.
 
 These modules take a whole batch of uint8 images ``(B,H,W,3)`` or ``(B,3,H,W)`` already in
-memory and build the views of ``dscl.data.transforms`` (SPEC section 1) with per-sample random
+memory and build the views of ``dscl.data.transforms`` with per-sample random
 parameters and batched tensor ops, so a CIFAR-size data set can stay on the GPU as uint8 and an
 epoch needs no CPU decoding; on a CPU they replace milliseconds of PIL work per image.
 
@@ -390,7 +390,7 @@ def _views(x: Tensor, columns: Sequence[_Column], size: int, patch_size: int, nu
 
 
 class BatchedViewPatch(_BatchedTransform):
-    """Stage-1 views of a batch: query g1, key g2, L patches and their boxes (SPEC section 1).
+    """Stage-1 views of a batch: query g1, key g2, L patches and their boxes (the paper's views).
 
     ``forward(images, generator)`` -> ``(query (B,3,S,S), key (B,3,S,S), patches (B,L,3,P,P),
     boxes (B,L,4) float32)``, as ``ViewPatchTransform`` per image: boxes are integer pixel

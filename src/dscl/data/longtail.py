@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# Class groups by number of TRAINING images (SPEC section 6).
+# Class groups by number of TRAINING images (the paper's Many / Medium / Few).
 MANY_SHOT_MIN = 101  # "many": more than 100
 FEW_SHOT_MAX = 19  # "few": fewer than 20
 

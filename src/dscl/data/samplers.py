@@ -1,4 +1,4 @@
-"""Class-balanced sampling for stage 2 (SPEC section 5): draw a class uniformly, then an image.
+"""Class-balanced sampling for stage 2 (the paper's, after Kang et al. 2020): draw a class uniformly, then an image.
 
 Each draw first picks one of the classes that have at least one sample, uniformly, then one
 index of that class, uniformly; draws are independent (with replacement). One epoch's stream

@@ -51,7 +51,7 @@ def _to_normalized(mean: Sequence[float], std: Sequence[float]) -> list:
 
 
 class ViewPatchTransform:
-    """Stage-1 views of one image (SPEC section 1): query g1, key g2, L patches and their boxes.
+    """Stage-1 views of one image (the paper's Sec. 3, supplement Alg. 1): query g1, key g2, L patches, boxes.
 
     Returns ``(query (3,S,S), key (3,S,S), patches (L,3,P,P), boxes (L,4) float32)``. Boxes are
     integer pixel-edge coordinates ``(x1, y1, x2, y2)`` in the query view after its flip, so
@@ -154,7 +154,7 @@ def query_view_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> T.Compose:
-    """The g1 pipeline alone (stage-2 training augmentation, SPEC section 5)."""
+    """The g1 pipeline alone (stage-2 training augmentation, as the paper's stage 2)."""
     return T.Compose([
         T.RandomResizedCrop(size, scale=scale),
         T.RandomHorizontalFlip(),

@@ -1,5 +1,5 @@
 """Which transform each stage uses, per-image (PIL) or batched on the device, with the
-size-dependent defaults of SPEC section 1."""
+size-dependent defaults (crop scale, patch size, blur) of 224-px photographs and small images."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ class CifarResNet(Backbone):
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
         self.out_dim, self.stride = 64, 4
-        # No zero-init of the last BN gamma here (SPEC section 9): the channels an option-A
+        # No zero-init of the last BN gamma here: the channels an option-A
         # shortcut pads with zeros would start at exactly 0 after the ReLU, pass no gradient
         # and stay dead for the whole run.
         for m in self.modules():
@@ -137,7 +137,7 @@ def build_backbone(name: str, *, pretrained: str | None = None, zero_init_residu
     """Build a backbone by name.
 
     zero_init_residual: zero the last BN gamma of each residual block, for the torchvision
-    ResNets only (they have convolutional shortcuts); ResNet-32 never takes it (SPEC section 9).
+    ResNets only (they have convolutional shortcuts); ResNet-32 never takes it.
     pretrained: None (random init), a path to a local state-dict file (a plain or
     ``{"state_dict": ...}`` checkpoint of the torchvision model, ``fc.*`` ignored), or
     ``"torchvision"`` to download torchvision's ImageNet weights (the only download path).
