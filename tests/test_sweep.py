@@ -232,3 +232,54 @@ def test_sample_std_over_three_seeds_in_the_csv_and_the_table(tmp_path):
     assert float(row["overall_std"]) == pytest.approx(sample, abs=1e-3)
     assert float(row["val_top1_std"]) == 0.0
     assert f"{mean:.1f} ± {sample:.1f}" in (out / "summary.md").read_text()
+
+
+def _summary_without_times(out):
+    """summary.csv rows and summary.md lines without the training times, which differ run to run."""
+    rows = [{k: v for k, v in r.items() if not k.startswith("train_s")}
+            for r in csv.DictReader((out / "summary.csv").open())]
+    table = [line.rsplit("|", 2)[0] if line.startswith("| ") else line
+             for line in (out / "summary.md").read_text().splitlines()]
+    return rows, table
+
+
+def test_jobs_two_gives_the_summary_of_one_run_after_another(tmp_path, tiny_overrides, monkeypatch):
+    """Guards against: --jobs 2 leaving a run out, running one twice, running them in the calling
+    process, or changing a result (a stage 1 trained again because its sibling's was not finished
+    yet, a failed run not recorded as failed)."""
+    def args(out):  # two runs, seed 0: lr 1000 fails in stage 2; one after another it reuses lr 0.05's stage 1
+        args = sweep_args(out, tiny_overrides, "method=scl", "linear.lr=0.05,1000")
+        seeds = args.index("--seeds")
+        return args[:seeds + 1] + ["0"] + args[seeds + 3:]
+
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert main(args(serial)) == 0
+    monkeypatch.setattr(dscl.engine, "run", lambda *a, **k: pytest.fail("a run trained in the parent process"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the total the two workers share
+    assert main(args(parallel) + ["--jobs", "2"]) == 0
+    rows, table = _summary_without_times(parallel)
+    assert (rows, table) == _summary_without_times(serial)
+    assert [r["runs"] for r in rows] == ["1", "0"] and [r["failed"] for r in rows] == ["0", "1"]
+    assert not list(parallel.glob("*/*.lock"))
+    for run in parallel.glob("*/seed*/"):  # each run once, by one worker
+        assert (run / "log.txt").read_text().count("] data synthetic:") == 1
+
+
+def test_a_failed_worker_is_named(tmp_path, tiny_overrides, monkeypatch, capsys):
+    from dscl import sweep
+
+    monkeypatch.setattr(sweep, "worker_command", lambda *a: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    assert main(sweep_args(tmp_path / "sweep", tiny_overrides, "method=ce") + ["--jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "worker 1 (pid" in err and "worker 2 (pid" in err and "exited with status 3" in err
+    assert not (tmp_path / "sweep" / "summary.md").exists()
+    assert main(sweep_args(tmp_path / "sweep", tiny_overrides, "method=ce") + ["--jobs", "0"]) == 2
+
+
+def test_the_threads_are_split_between_the_jobs(monkeypatch):
+    from dscl.sweep import threads_per_job
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert [threads_per_job(n) for n in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads_per_job(1) >= 1 and threads_per_job(10_000) == 1

@@ -19,8 +19,10 @@ def _training_args(parser: argparse.ArgumentParser, out_required: bool = True) -
     parser.add_argument("--config", type=Path, help="YAML recipe (see configs/); omitted keys keep their defaults")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key, e.g. --set pretrain.epochs=10 (repeatable)")
-    parser.add_argument("--out", type=Path, required=out_required, help="output folder of the run")
+    parser.add_argument("--out", type=Path, help="output folder of the run" + (" (required)" if out_required else ""))
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (recipe, the recipes it inherits from, --set) and exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sweep = sub.add_parser("sweep", help="every combination of a grid of config values x seeds, with a summary",
                            description="Run every combination of the --grid values for every seed, one after "
-                                       "another, into OUT/<combination>/seed<k>/; finished runs are skipped and "
-                                       "killed ones resumed. Writes summary.md, summary.csv and per_class.png.")
+                                       "another (or --jobs N at once), into OUT/<combination>/seed<k>/; finished "
+                                       "runs are skipped and killed ones resumed. Writes summary.md, summary.csv "
+                                       "and per_class.png.")
     sweep.add_argument("--config", type=Path, help="YAML recipe every run starts from")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key for every run (repeatable)")
@@ -58,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--layout", choices=["table1", "table3s"], default=None,
                        help="the rows of one of the paper's tables (table1: components; table3s: the supplement's "
                             "queue and re-weighting ablation), crossed with any --grid; writes <layout>.md / .csv")
+    sweep.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="N runs at once, in N processes sharing the CPU threads (OMP_NUM_THREADS, where set, "
+                            "is the total) and the GPU; the summary is the same as one after another (default 1)")
+    sweep.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker
     bench = sub.add_parser("bench", help="time one stage-1 training step on generated tensors; prints JSON")
     bench.add_argument("--config", type=Path)
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -125,17 +132,24 @@ def _reuse_command(args) -> int:
 
 
 def _stage_command(args) -> None:
+    import yaml
+
     from .config import load_config
     from .engine import STAGES, run, setup, teardown
 
     stages = {"run": STAGES, "pretrain": ("pretrain",), "linear": ("linear",), "evaluate": ("evaluate",)}[args.command]
     config, resume = args.config, args.resume
-    if args.command in ("linear", "evaluate"):  # continue the run that stage 1 left in --out
+    if args.out is None and not args.print_config:
+        raise ConfigError(f"{args.command}: --out DIR is required (the run's folder)")
+    if args.command in ("linear", "evaluate") and args.out is not None:  # continue the run stage 1 left in --out
         saved = args.out / "config.yaml"
         if config is None and saved.is_file():
             config = saved
         resume = True
     cfg = load_config(config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return
     rt = setup(cfg.device)
     try:
         run(cfg, args.out, rt, stages=stages, resume=resume)
@@ -237,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import sweep
 
             sweep(args.config, args.overrides, args.grid, args.seeds, args.out, select=args.select,
-                  summary_only=args.summary_only, layout=args.layout, posthoc=args.posthoc_la)
+                  summary_only=args.summary_only, layout=args.layout, posthoc=args.posthoc_la,
+                  jobs=args.jobs, summary=not args.no_summary)
         elif args.command == "bench":
             from .bench import bench
 

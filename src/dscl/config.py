@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from .data.datasets import default_ratio
+from .data.transforms import STRONG_AUGMENTS
 from .errors import ConfigError
 from .methods import METHODS, Method, get_method  # noqa: F401  (METHODS: the names, for callers)
 
@@ -27,9 +29,12 @@ from .methods import METHODS, Method, get_method  # noqa: F401  (METHODS: the na
 class DataConfig:
     name: str = "synthetic"
     root: str | None = None
-    imbalance_ratio: float | None = 100.0
+    # None: the data set's default: 100 for cifar10-lt, cifar100-lt and synthetic; every file of an
+    # image folder (the long-tailed subset only when a ratio is given); the split files' own lists
+    imbalance_ratio: float | None = None
     download: bool = False
     val_per_class: int | None = None  # held-out validation images per class; None: 20 for CIFAR-LT, else 0
+    test_folder: str = "test"  # imagefolder: the folder under root read as the test split (e.g. val)
     image_size: int | None = None  # None: the data set's native size (32 for CIFAR / synthetic, else 224)
     num_workers: int = 0
     pipeline: str = "auto"  # auto | pil | tensor: per-image PIL transforms, or batched on the device
@@ -78,6 +83,10 @@ class PretrainConfig:
     pbsd_teacher: str = "roi"  # roi | global: PBSD's teacher is the ROI patch feature, or the global query z_i
     patch_mode: str = "pbsd"  # pbsd | multicrop: the crops are distilled, or extra positive views in the contrast
     queue_sampling: str = "fifo"  # fifo | balanced: one FIFO, or queue_size // C slots per class
+    # Strong augmentation of the contrastive CIFAR-LT peers, per-image data path only (data.pipeline: pil):
+    # on the key view of the contrastive methods and on ce's one view (docs/RECIPES.md)
+    strong_augment: str = "none"  # none | autoaugment | randaugment
+    random_erasing: float = 0.0  # Cutout: torchvision's RandomErasing with this probability
     reweight: str = "none"  # none | effective_number: class-balanced weights (Cui et al. 2019) per anchor
     reweight_beta: float = 0.9999
     knn_every: int = 1  # k-NN top-1 on the validation split every N epochs (0: never)
@@ -267,6 +276,12 @@ def validate(cfg: Config) -> Config:
         (cfg.pretrain.knn_k >= 1, "pretrain.knn_k", "must be >= 1"),
         (cfg.data.imbalance_ratio is None or cfg.data.imbalance_ratio >= 1, "data.imbalance_ratio", "must be >= 1"),
         (cfg.data.val_per_class is None or cfg.data.val_per_class >= 0, "data.val_per_class", "must be >= 0"),
+        (cfg.data.test_folder == "test" or cfg.data.name == "imagefolder", "data.test_folder",
+         f"applies to data.name: imagefolder only (data.name is {cfg.data.name})"),
+        (re.fullmatch(r"[^/\\]+", cfg.data.test_folder) is not None
+         and cfg.data.test_folder not in (".", "..", "train"),
+         "data.test_folder", f"must name one folder under data.root other than train (e.g. test or val), "
+         f"got {cfg.data.test_folder!r}"),
         (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (cfg.data.pipeline in ("auto", "pil", "tensor"), "data.pipeline", "must be auto, pil or tensor"),
         (cfg.data.profile in ("exponential", "pareto"), "data.profile", "must be exponential or pareto"),
@@ -276,6 +291,9 @@ def validate(cfg: Config) -> Config:
         (cfg.pretrain.reweight in ("none", "effective_number"), "pretrain.reweight",
          "must be none or effective_number"),
         (0.0 <= cfg.pretrain.reweight_beta < 1.0, "pretrain.reweight_beta", "must lie in [0, 1)"),
+        (cfg.pretrain.strong_augment in STRONG_AUGMENTS, "pretrain.strong_augment",
+         f"must be one of {', '.join(STRONG_AUGMENTS)}"),
+        (0.0 <= cfg.pretrain.random_erasing <= 1.0, "pretrain.random_erasing", "must lie in [0, 1]"),
         (cfg.uses_pbsd or (cfg.pretrain.pbsd_teacher == "roi" and cfg.pretrain.patch_mode == "pbsd"),
          "pretrain.pbsd_teacher / pretrain.patch_mode", f"change the patch term, which method {cfg.method!r} has not "
          "(use scl+pbsd or dscl+pbsd)"),
@@ -336,29 +354,53 @@ def _safe_yaml(text: str):
         return _Unparsed(exc)
 
 
+def _read_recipe(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file: {exc}") from exc
+    values = _safe_yaml(text)
+    if isinstance(values, _Unparsed):
+        raise ConfigError(f"{path}: not valid YAML: {values.error}")
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(values).__name__}")
+    return values
+
+
+def _recipe_chain(path: Path, children: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """The recipe at ``path`` and the recipes it inherits from (``base: FILE``, relative to the
+    file), base first: each states only what differs from its base."""
+    if path.resolve() in children:
+        raise ConfigError(f"{path}: inherits from itself (base chain {' -> '.join(map(str, children))})")
+    values = _read_recipe(path)
+    base = values.pop("base", None)
+    if base is None:
+        return [(path, values)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the file name of another recipe, got {base!r}")
+    try:
+        chain = _recipe_chain(path.parent / base, (*children, path.resolve()))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: base {base}: {exc}") from None
+    return [*chain, (path, values)]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Defaults, then ``base`` (a dict), then the YAML file, then each ``key=value`` override."""
+    """Defaults, then ``base`` (a dict), then the YAML file (after the recipes it inherits from
+    with ``base: FILE``), then each ``key=value`` override."""
     cfg = Config()
     if base:
         _update(cfg, base)
     if path is not None:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not a UTF-8 text file: {exc}") from exc
-        values = _safe_yaml(text)
-        if isinstance(values, _Unparsed):
-            raise ConfigError(f"{path}: not valid YAML: {values.error}")
-        values = {} if values is None else values
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(values).__name__}")
-        try:
-            _update(cfg, values)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+        for layer, values in _recipe_chain(path):
+            try:
+                _update(cfg, values)
+            except ConfigError as exc:
+                raise ConfigError(f"{layer}: {exc}") from exc
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value
@@ -368,6 +410,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             _update(cfg, nested)
         except ConfigError as exc:
             raise ConfigError(f"--set: {exc}") from exc
+    if cfg.data.imbalance_ratio is None:  # written out, so a run's config.yaml says what it trained on
+        cfg.data.imbalance_ratio = default_ratio(cfg.data.name)
     try:
         return validate(cfg)
     except ConfigError as exc:

@@ -1,11 +1,11 @@
 """``dscl sweep``: every combination of a grid of config values, times every seed, one run after
-another, then a summary table and a per-class plot.
+another (or ``--jobs N`` at once), then a summary table and a per-class plot.
 
 Each run lives in ``OUT/<combination>/seed<k>/``, an ordinary run folder. A call skips the runs
 that finished (``results.json``), resumes the ones that were killed, and records a run that
 stopped on an error (``error.txt``; not retried). Several sweep processes may share one OUT:
-a lock file per run keeps them on different runs. Summaries are rebuilt from what is on disk,
-so they can always be regenerated with ``--summary-only``.
+a lock file per run keeps them on different runs, and ``--jobs N`` starts N such processes.
+Summaries are rebuilt from what is on disk, so they can always be regenerated with ``--summary-only``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import yaml
 from .config import config_from_dict, flatten_config, load_config, parse_override
 from .engine.checkpoint import atomic_write_text
 from .engine.rundir import RunDir
-from .errors import ConfigError, DSCLError
+from .errors import ArgumentError, ConfigError, DSCLError
 from .methods import REGISTRY
 
 METRICS = ("overall", "many", "medium", "few", "val_top1", "train_s")
@@ -111,12 +113,13 @@ PAPER_CURVES = {
 
 def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: list[int], out: Path, *,
           select: str | None = None, summary_only: bool = False, layout: str | None = None,
-          posthoc: bool = False) -> list[dict]:
+          posthoc: bool = False, jobs: int = 1, summary: bool = True) -> list[dict]:
     """Run every combination x seed (unless ``summary_only``) and write the summaries; with
     ``layout`` (a key of :data:`LAYOUTS`) the combinations are that table's rows; with ``posthoc``
-    each is followed by its post-hoc logit-adjusted row."""
-    from .engine import run, setup, teardown
-
+    each is followed by its post-hoc logit-adjusted row. With ``jobs`` > 1 the runs are shared
+    by that many worker processes (see :func:`run_workers`); ``summary=False`` (a worker's) only runs."""
+    if jobs < 1:
+        raise ArgumentError(f"sweep --jobs {jobs}: give 1 or more")
     axes = parse_grid(grid)
     combos = combinations(axes, layout)
     configs = {}
@@ -128,28 +131,86 @@ def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: lis
     if not summary_only:
         todo = [(c, s) for s in seeds for c in combos if not _finished(out / c.folder / f"seed{s}")]
         print(f"sweep: {len(combos)} combination(s) x {len(seeds)} seed(s); {len(todo)} run(s) to do", flush=True)
-        for n, (combo, seed) in enumerate(todo, 1):
-            cfg, path = configs[combo.name, seed], out / combo.folder / f"seed{seed}"
-            with RunLock(path) as mine:
-                if not mine or _finished(path):  # another sweep process has it, or finished it
-                    continue
-                print(f"\n=== sweep run {n}/{len(todo)}: {combo.name}, seed {seed} -> {path}", flush=True)
-                _check_same(path, cfg.to_dict())
-                _reuse_stage1(path, cfg.to_dict(), sorted(out.glob(f"*/seed{seed}")))
-                rt = setup(cfg.device)
-                try:
-                    run(cfg, path, rt, resume=(path / "config.yaml").is_file())
-                except DSCLError as exc:
-                    if isinstance(exc, ConfigError):
-                        raise
-                    atomic_write_text(path / "error.txt", f"{exc}\n")
-                    print(f"sweep: run failed, recorded in {path / 'error.txt'}: {exc}", flush=True)
-                finally:
-                    teardown()
+        if jobs > 1 and len(todo) > 1:
+            run_workers(worker_command(config, overrides, grid, seeds, out, layout), min(jobs, len(todo)))
+        else:
+            _run_all(todo, configs, out)
+    if not summary:
+        return []
+    # from the run folders alone, so the same runs give the same summary however many processes ran them
     rows = summarise(out, combos, seeds, select, layout, posthoc)
     if layout is None and len(axes) == 1 and len(axes[0][1]) > 1:
         _write_curve(out, axes[0][0], axes[0][1], rows)
     return rows
+
+
+def _run_all(todo: list[tuple[Combination, int]], configs: dict, out: Path) -> None:
+    """The runs, one after another, in this process; those another process holds are left to it."""
+    from .engine import run, setup, teardown
+
+    for n, (combo, seed) in enumerate(todo, 1):
+        cfg, path = configs[combo.name, seed], out / combo.folder / f"seed{seed}"
+        with RunLock(path) as mine:
+            if not mine or _finished(path):  # another sweep process has it, or finished it
+                continue
+            print(f"\n=== sweep run {n}/{len(todo)}: {combo.name}, seed {seed} -> {path}", flush=True)
+            _check_same(path, cfg.to_dict())
+            # a sibling's stage 1 that another worker is still training is not there yet: this run trains its own
+            _reuse_stage1(path, cfg.to_dict(), sorted(out.glob(f"*/seed{seed}")))
+            rt = setup(cfg.device)
+            try:
+                run(cfg, path, rt, resume=(path / "config.yaml").is_file())
+            except DSCLError as exc:
+                if isinstance(exc, ConfigError):
+                    raise
+                atomic_write_text(path / "error.txt", f"{exc}\n")
+                print(f"sweep: run failed, recorded in {path / 'error.txt'}: {exc}", flush=True)
+            finally:
+                teardown()
+
+
+def worker_command(config: Path | None, overrides: list[str], grid: list[str], seeds: list[int], out: Path,
+                   layout: str | None) -> list[str]:
+    """``dscl sweep`` of the same runs, one at a time and without the summary: one worker of ``--jobs``."""
+    return [sys.executable, "-m", "dscl", "sweep", *(["--config", str(config)] if config else []),
+            *[x for o in overrides for x in ("--set", o)], *[x for g in grid for x in ("--grid", g)],
+            "--seeds", *map(str, seeds), "--out", str(out), *(["--layout", layout] if layout else []),
+            "--jobs", "1", "--no-summary"]
+
+
+def threads_per_job(jobs: int) -> int:
+    """The CPU threads of one of ``jobs`` workers: OMP_NUM_THREADS (where the user set it: the
+    total to share) or the cores this process may use, split evenly, at least one each."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit():
+        total = int(given)
+    else:
+        total = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, total // jobs)
+
+
+def run_workers(command: list[str], jobs: int) -> None:
+    """``jobs`` copies of ``command`` at once, each with its share of the threads (on a GPU machine
+    all of them share the GPU); their run locks keep them on different runs. Returns when all
+    have ended; a worker that exited with an error is named in a :class:`DSCLError`."""
+    threads = threads_per_job(jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print(f"sweep: {jobs} worker processes, {threads} thread(s) each", flush=True)
+    workers = []
+    try:
+        for _ in range(jobs):
+            workers.append(subprocess.Popen(command, env=env))
+        codes = [w.wait() for w in workers]
+    finally:  # interrupted: stop the workers too; their runs resume on the next call
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()
+                w.wait()
+    failed = [f"worker {k} (pid {w.pid}) exited with status {code}"
+              for k, (w, code) in enumerate(zip(workers, codes), 1) if code != 0]
+    if failed:
+        raise DSCLError("sweep: " + "; ".join(failed) + " (why: in the output above); the runs that finished "
+                        "are kept and the same command resumes the others")
 
 
 class RunLock:

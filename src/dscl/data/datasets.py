@@ -2,7 +2,7 @@
 
 Every data set returns ``(PIL RGB image, int label)`` and has ``targets`` and ``classes``
 (in-memory ones also ``data``, (N,H,W,3) uint8). :func:`build_splits` reads a data set by name,
-applies its standard long-tailed construction (SPEC section 7) and checks it, so that the
+applies its standard long-tailed construction (LDAM-DRW's for CIFAR-LT) and checks it, so that the
 engine never sees a malformed split.
 """
 
@@ -28,6 +28,12 @@ DATASET_NAMES = ("synthetic", "cifar10-lt", "cifar100-lt", "imagefolder", "image
 _SPLIT_FILES = {"imagenet-lt": ("ImageNet_LT", 1000), "places-lt": ("Places_LT", 365)}
 _SYNTHETIC_KEYS = ("num_classes", "n_max", "n_per_class_eval", "image_size")
 _DEFAULT_RATIO = 100.0
+
+
+def default_ratio(name: str) -> float | None:
+    """The imbalance ratio data set ``name`` takes when none is given: CIFAR-LT's and the
+    synthetic set's 100; None (every image) for image folders and the split-file data sets."""
+    return _DEFAULT_RATIO if name in ("synthetic", "cifar10-lt", "cifar100-lt") else None
 HOLDOUT_SEED = 0  # the held-out validation images are the same whatever the run's seed
 
 
@@ -59,6 +65,8 @@ class DataSplits:
     classes: list[str]
     image_size: int  # native / target side: 32 for synthetic and CIFAR, 224 for photographs
     bad_files: list[str] = field(default_factory=list)
+    # how the training (and validation) images were chosen, in words, for the run's log
+    selection: str = ""
 
     @property
     def train_counts(self) -> list[int]:
@@ -78,7 +86,45 @@ def _synthetic(ratio: float, seed: int, options: dict | None, profile: str) -> D
                       train.data.shape[1])
 
 
-def _cifar(name: str, root: str, ratio: float, val_per_class: int, download: bool, profile: str) -> DataSplits:
+def _select(targets: list[int], classes: list[str], ratio: float | None, val_per_class: int, profile: str,
+            where: str, default: bool) -> tuple[list[int], list[int] | None, str]:
+    """The long-tailed subset (``ratio`` None: every image) and the validation hold-out
+    (``val_per_class`` > 0) of a training split: ``(kept, validation or None, what was done)``.
+    A class left without a training image raises a DataError that names what removed them.
+    ``default``: the ratio is the data set's default, not one the config gave."""
+    num_classes = len(classes)
+    sizes = np.bincount(targets, minlength=num_classes)
+    kept = list(range(len(targets)))
+    setting = "the default of this data set" if default else "data.imbalance_ratio"
+    if ratio is None:
+        what = f"no long-tailed subset (data.imbalance_ratio not set): all {len(kept)} training images"
+    else:
+        counts = longtail_counts(int(sizes.max()), num_classes, ratio, profile)
+        for c in range(num_classes):
+            if min(counts[c], sizes[c]) == 0:
+                hint = ("set data.imbalance_ratio: null to keep every file, or a lower ratio"
+                        if not default else "set a lower data.imbalance_ratio")
+                raise DataError(f"{where}: class {c} ({classes[c]}) has no training image left: the long-tailed "
+                                f"subset at ratio {ratio:g} ({setting}, {profile} profile) keeps {counts[c]} of its "
+                                f"{sizes[c]} images; {hint}")
+        kept = longtail_indices(targets, counts, seed=0)
+        what = f"long-tailed subset at ratio {ratio:g} ({setting}): kept {len(kept)} of {len(targets)} training images"
+    if val_per_class <= 0:
+        return kept, None, what
+    for c in range(num_classes):
+        if sizes[c] <= val_per_class:
+            raise DataError(f"{where}: class {c} ({classes[c]}) would have no training image left: it has "
+                            f"{sizes[c]} images and data.val_per_class holds out {val_per_class} per class for "
+                            f"validation; set a lower data.val_per_class")
+    before = len(kept)
+    kept, val = holdout_indices(targets, kept, val_per_class, HOLDOUT_SEED)
+    moved = before - len(kept)
+    source = (f", {moved} of them from the kept images of the classes with too few left over" if moved
+              and ratio is not None else "")
+    return kept, val, f"{what}; {val_per_class} per class held out for validation (data.val_per_class{source})"
+
+
+def _cifar(name: str, root: str, ratio: float | None, val_per_class: int, download: bool, profile: str) -> DataSplits:
     from torchvision import datasets as tv_datasets  # looked up here: tests substitute it
 
     cls = tv_datasets.CIFAR10 if name == "cifar10-lt" else tv_datasets.CIFAR100
@@ -91,16 +137,13 @@ def _cifar(name: str, root: str, ratio: float, val_per_class: int, download: boo
                         f"({exc})") from None
     classes = list(full.classes)
     train_all = ArrayDataset(np.asarray(full.data), full.targets, classes)
-    sizes = np.bincount(train_all.targets, minlength=len(classes))
-    counts = longtail_counts(int(sizes.max()), len(classes), ratio, profile)
-    kept = longtail_indices(train_all.targets, counts, seed=0)  # the LDAM-DRW images
-    val = None
-    if val_per_class > 0:
-        kept, val_idx = holdout_indices(train_all.targets, kept, val_per_class, HOLDOUT_SEED)
-        val = train_all.subset(val_idx)
+    # the LDAM-DRW images, then the balanced hold-out from those it left out
+    kept, val_idx, what = _select(train_all.targets, classes, _DEFAULT_RATIO if ratio is None else ratio,
+                                  val_per_class, profile, name, ratio is None)
+    val = None if val_idx is None else train_all.subset(val_idx)
     return DataSplits(train_all.subset(kept), val,
                       ArrayDataset(np.asarray(test.data), test.targets, classes),
-                      len(classes), classes, 32)
+                      len(classes), classes, 32, selection=what)
 
 
 def _native_size(path: str) -> int:
@@ -113,24 +156,24 @@ def _native_size(path: str) -> int:
     return w if w == h and w <= 64 else 224
 
 
-def _imagefolder(root: str, ratio: float | None, val_per_class: int, profile: str) -> DataSplits:
-    listing, classes = read_image_folder(root)
+def _imagefolder(root: str, ratio: float | None, val_per_class: int, profile: str,
+                 test_folder: str = "test") -> DataSplits:
+    listing, classes = read_image_folder(root, test_folder)
     sets = {s: ImageListDataset(*listing[s], classes) for s in listing}
     train = sets["train"]
-    kept = list(range(len(train)))
-    if ratio is not None:
-        sizes = np.bincount(train.targets, minlength=len(classes))
-        counts = longtail_counts(int(sizes.max()), len(classes), ratio, profile)
-        kept = longtail_indices(train.targets, counts, seed=0)
     val = sets.get("val")
-    if val is None and val_per_class > 0:
-        try:
-            kept, val_idx = holdout_indices(train.targets, kept, val_per_class, HOLDOUT_SEED)
-        except ValueError as exc:
-            raise DataError(f"image folder {root}: {exc}") from None
+    hold_out = val_per_class if val is None else 0  # a val/ folder is the validation split
+    kept, val_idx, what = _select(train.targets, classes, ratio, hold_out, profile,
+                                  f"image folder {os.path.join(root, 'train')}", False)
+    if val is not None:
+        what += f"; validation: the {os.path.join(root, 'val')} folder"
+    elif val_idx is not None:
         val = train.subset(val_idx)
+    else:
+        what += "; no validation split (no val folder, data.val_per_class 0)"
+    what += f"; test: the {os.path.join(root, test_folder)} folder"
     return DataSplits(train.subset(kept), val, sets["test"], len(classes), classes,
-                      _native_size(train.paths[0]))
+                      _native_size(train.paths[0]), selection=what)
 
 
 def _split_file(prefix: str, root: str, split: str, num_classes: int, required: bool):
@@ -241,6 +284,7 @@ def build_splits(
     skip_bad_images: bool = False,
     synthetic_options: dict | None = None,
     profile: str = "exponential",
+    test_folder: str = "test",
 ) -> DataSplits:
     """Read data set ``name`` (one of :data:`DATASET_NAMES`) and return its checked splits.
 
@@ -251,10 +295,12 @@ def build_splits(
       set is drawn (with a fixed seed, so every run seed sees the same split) from the training
       images the LT subset left out; the head class, which keeps all its images, gives up that
       many of them instead.
-    - ``imagefolder``: ``root/{train,val,test}/<class>/<image>`` (val optional); with
-      ``imbalance_ratio`` the train split is subsampled like CIFAR-LT, files in sorted order
-      (the CIFAR-10 JPEG folder at rho=100 gives CIFAR-10-LT's 12,406 images). Without a val
-      folder, ``val_per_class > 0`` holds out a validation set as for CIFAR.
+    - ``imagefolder``: ``root/{train,val,test}/<class>/<image>`` (val optional; the test
+      split is read from ``root/<test_folder>``, and with ``test_folder="val"`` the val folder
+      is the test split, not the validation split). Every training file is kept unless
+      ``imbalance_ratio`` is given: then the train split is subsampled like CIFAR-LT, files in
+      sorted order (the CIFAR-10 JPEG folder at rho=100 gives CIFAR-10-LT's 12,406 images).
+      Without a validation folder, ``val_per_class > 0`` holds out a validation set as for CIFAR.
     - ``imagenet-lt`` / ``places-lt``: ``ImageNet_LT_{train,val,test}.txt`` /
       ``Places_LT_*.txt`` directly under ``root``, lines ``relative/path label`` (paths
       relative to root); or, where no .txt exists, ``*.json`` holding a list of
@@ -267,6 +313,8 @@ def build_splits(
     set has its own validation split. Every image
     file is checked to exist; with ``skip_bad_images`` every image is also decoded once and the
     unreadable ones are dropped and listed in ``bad_files`` (otherwise loading one raises).
+    ``selection`` of the result says in words how the training and validation images were chosen.
+    A class left without a training image raises a DataError naming what removed its images.
     """
     if name not in DATASET_NAMES:
         raise DataError(f"unknown data set {name!r}; known: {', '.join(DATASET_NAMES)}")
@@ -277,26 +325,37 @@ def build_splits(
             raise DataError(f"{name}: root folder not found: {root}"
                             + ("; set `data.download: true` to download CIFAR"
                                if name.startswith("cifar") else ""))
-    ratio = _DEFAULT_RATIO if imbalance_ratio is None else float(imbalance_ratio)
+    ratio = None if imbalance_ratio is None else float(imbalance_ratio)
     if name == "synthetic":
-        return _check(_synthetic(ratio, seed, synthetic_options, profile), name)
+        default = ratio is None
+        ratio = _DEFAULT_RATIO if default else ratio
+        splits = _synthetic(ratio, seed, synthetic_options, profile)
+        splits.selection = (f"synthetic long tail at ratio {ratio:g} "
+                            f"({'the default of this data set' if default else 'data.imbalance_ratio'})")
+        return _check(splits, name, f" (the synthetic long tail at ratio {ratio:g})")
     if name in ("cifar10-lt", "cifar100-lt"):
         return _check(_cifar(name, root, ratio, val_per_class, download, profile), name)
     if name == "imagefolder":
-        splits = _imagefolder(root, imbalance_ratio, val_per_class, profile)
-        where = {s: os.path.join(root, s) for s in ("train", "val", "test")}
-        if not os.path.isdir(where["val"]):
+        splits = _imagefolder(root, ratio, val_per_class, profile, test_folder)
+        where = {s: os.path.join(root, s) for s in ("train", "val")}
+        where["test"] = os.path.join(root, test_folder)
+        if test_folder == "val" or not os.path.isdir(where["val"]):
             where["val"] = where["train"]  # held out from the training images
     else:
         lists, where, classes = _split_lists(name, root)  # where: each split's file
         sets = {s: None if v is None else ImageListDataset(*v, classes) for s, v in lists.items()}
         splits = DataSplits(sets["train"], sets["val"], sets["test"], len(classes), classes, 224)
+        ignored = "" if ratio is None else f" (data.imbalance_ratio {ratio:g} not used: the lists are the split)"
+        held = f"; validation: {where['val']}" if splits.val is not None else "; no validation split"
+        splits.selection = f"every image listed in {where['train']}{ignored}{held}"
     _check(splits, where)
     if not skip_bad_images:
         _check_eval_images(splits, where)
     if skip_bad_images:
         splits = _drop_bad(splits)
         _check(splits, where, f" after dropping {len(splits.bad_files)} unreadable image(s)")
+        if splits.bad_files:
+            splits.selection += f"; {len(splits.bad_files)} unreadable image(s) dropped (data.skip_bad_images)"
         if name == "imagefolder" and splits.bad_files:  # the size came from the first file
             splits.image_size = _native_size(splits.train.paths[0])
     return splits

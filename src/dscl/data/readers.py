@@ -27,25 +27,35 @@ def _list_dir(folder: str, *, dirs: bool) -> list[str]:
     return sorted(names)
 
 
-def read_image_folder(root: str) -> tuple[dict[str, Listing], list[str]]:
+def read_image_folder(root: str, test_folder: str = "test") -> tuple[dict[str, Listing], list[str]]:
     """Read ``root/<split>/<class>/<image>`` for splits train, val (optional) and test.
 
-    Class indices follow the sorted class-folder names of ``train``; files within a class are
-    taken in sorted name order. Returns ``({split: (paths, labels)}, classes)``.
+    The test split is read from ``root/<test_folder>`` (``test`` unless told otherwise, e.g.
+    ``val`` for data sets such as Imagenette whose labelled evaluation folder is named so); a
+    ``val`` folder that is not the test folder is the validation split. Class indices follow the
+    sorted class-folder names of ``train``; files within a class are taken in sorted name order.
+    Returns ``({split: (paths, labels)}, classes)`` with keys train, test and, where read, val.
     """
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
         raise DataError(f"image folder {root}: no 'train' folder (expected root/train/<class>/)")
+    if test_folder in ("", ".", "..", "train") or "/" in test_folder or os.sep in test_folder:
+        raise DataError(f"image folder {root}: the test folder must be one folder beside train, "
+                        f"got {test_folder!r} (data.test_folder)")
     classes = _list_dir(train_dir, dirs=True)
     if not classes:
         raise DataError(f"image folder {train_dir}: no class folders")
     index = {name: c for c, name in enumerate(classes)}
+    folders = {"train": "train", "val": None if test_folder == "val" else "val", "test": test_folder}
     splits: dict[str, Listing] = {}
-    for split in ("train", "val", "test"):
-        split_dir = os.path.join(root, split)
+    for split, folder_name in folders.items():
+        if folder_name is None:
+            continue
+        split_dir = os.path.join(root, folder_name)
         if not os.path.isdir(split_dir):
             if split == "test":
-                raise DataError(f"image folder {root}: no 'test' folder")
+                where = "" if test_folder == "test" else " (data.test_folder)"
+                raise DataError(f"image folder {root}: no {test_folder!r} folder for the test split{where}")
             continue
         paths: list[str] = []
         labels: list[int] = []

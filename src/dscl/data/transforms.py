@@ -50,6 +50,27 @@ def _to_normalized(mean: Sequence[float], std: Sequence[float]) -> list:
     return [T.ToTensor(), T.Normalize(mean, std)]
 
 
+STRONG_AUGMENTS = ("none", "autoaugment", "randaugment")
+
+
+def strong_augment(policy: str, size: int) -> list:
+    """The strong augmentation of the contrastive CIFAR-LT peers, as PIL ops: torchvision's
+    AutoAugment (CIFAR-10 policy at <= 64 px, ImageNet's above) or RandAugment (2 ops,
+    magnitude 9); ``none``: nothing."""
+    if policy == "autoaugment":
+        return [T.AutoAugment(T.AutoAugmentPolicy.CIFAR10 if size <= 64 else T.AutoAugmentPolicy.IMAGENET)]
+    if policy == "randaugment":
+        return [T.RandAugment()]
+    if policy == "none":
+        return []
+    raise ValueError(f"strong augmentation must be one of {STRONG_AUGMENTS}, got {policy!r}")
+
+
+def _erasing(p: float) -> list:
+    """Cutout as torchvision's RandomErasing with probability p (after normalisation)."""
+    return [T.RandomErasing(p=p)] if p > 0 else []
+
+
 class ViewPatchTransform:
     """Stage-1 views of one image (the paper's Sec. 3, supplement Alg. 1): query g1, key g2, L patches, boxes.
 
@@ -59,6 +80,9 @@ class ViewPatchTransform:
     pixels each patch was cut from. Patches are cut from the query view before its colour
     jitter, resized to P x P, then get their own flip and photometric augmentation.
     ``photometric=False`` switches off every colour, grayscale and blur op (flips stay).
+    ``strong`` (:func:`strong_augment`) and ``erasing`` (RandomErasing's probability) apply to the
+    key view only: on the query view the geometric ops of AutoAugment / RandAugment would move
+    its content away from the patch boxes, and the query stays the same for every method.
     """
 
     def __init__(
@@ -73,6 +97,8 @@ class ViewPatchTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         photometric: bool = True,
+        strong: str = "none",
+        erasing: float = 0.0,
     ) -> None:
         if size < 1 or patch_size < 1 or num_patches < 0:
             raise ValueError(f"size and patch_size must be >= 1 and num_patches >= 0, got {size}, "
@@ -92,7 +118,8 @@ class ViewPatchTransform:
         else:
             query_colour = key_colour = patch_colour = []
         self.query_post = T.Compose([*query_colour, normalize])
-        self.key_view = T.Compose([self.key_crop, *key_colour, self.flip, normalize])
+        self.key_view = T.Compose([self.key_crop, *key_colour, self.flip, *strong_augment(strong, size), normalize,
+                                   *_erasing(erasing)])
         self.patch_post = T.Compose([self.flip, *patch_colour, normalize])
 
     def sample_box(self) -> tuple[int, int, int, int]:
@@ -167,13 +194,17 @@ def ce_train_transform(
     size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    strong: str = "none",
+    erasing: float = 0.0,
 ) -> T.Compose:
-    """The usual supervised augmentation: pad-4 random crop + flip at <= 64 px, else RRC + flip."""
+    """The usual supervised augmentation: pad-4 random crop + flip at <= 64 px, else RRC + flip;
+    then ``strong`` (:func:`strong_augment`) and RandomErasing with probability ``erasing``."""
     if size <= 64:
         crop = [T.Resize((size, size)), T.RandomCrop(size, padding=4)]
     else:
         crop = [T.RandomResizedCrop(size)]
-    return T.Compose([*crop, T.RandomHorizontalFlip(), *_to_normalized(mean, std)])
+    return T.Compose([*crop, T.RandomHorizontalFlip(), *strong_augment(strong, size), *_to_normalized(mean, std),
+                      *_erasing(erasing)])
 
 
 def eval_transform(

@@ -21,6 +21,7 @@ from ..config import Config
 from ..models import ExpertClassifier, MultiExpertContrast, build_backbone, build_multi_expert_backbone
 from ..models.momentum import ContrastOutput
 from .evaluate import _outputs, accuracy_report
+from .step import autocast, to_device, unwrap
 
 
 def build_encoder(cfg: Config, *, pretrained: str | None = None, zero_init_residual: bool = True) -> nn.Module:
@@ -72,7 +73,6 @@ def _expert_losses(stage1_losses, net: nn.Module, batch, cfg: Config, device: to
                    options: dict) -> tuple[Tensor, dict]:
     """The mean over experts of each expert's loss. Parts are means over experts, plus
     ``loss_e<k>`` per expert; ``_keys`` is (B, E, D) for :class:`~dscl.models.experts.ExpertQueues`."""
-    from .pretrain import _unwrap, autocast, to_device
 
     (query_view, key_view, patches, boxes), labels = batch
     use_patches = cfg.uses_pbsd
@@ -80,7 +80,7 @@ def _expert_losses(stage1_losses, net: nn.Module, batch, cfg: Config, device: to
              to_device(patches, device, cfg) if use_patches else None, boxes.to(device) if use_patches else None)
     with autocast(cfg, device):
         outs = net(*views)
-    queues = _unwrap(net).queue
+    queues = unwrap(net).queue
     on_device = (views, labels.to(device, non_blocking=True))  # moved once, not once per expert
     per_expert = [stage1_losses(_OneExpert(out, queues[e]), on_device, cfg, device, **options)
                   for e, out in enumerate(outs)]

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..analysis.tensorboard import step_scalars
 from ..config import Config
 from ..data import DataSplits
-from ..errors import ConfigError, NumericalError
+from ..errors import ConfigError
 from ..losses import (decoupled_supcon_loss, distillation_signals, effective_number_weights, key_probability, log_prior,
                       logit_adjusted_loss, patch_distillation_loss)
 from ..progress import progress
@@ -32,6 +32,7 @@ from .rundir import RunDir
 from .seeding import mix_seed, seed_everything
 from .evaluate import extract_features, knn_predict
 from .experts import build_expert_stage1_model, per_expert
+from .step import autocast, prepare_model, stop_if_not_finite, to_device, unwrap
 from .views import split_loader, stage1_transform
 
 
@@ -103,7 +104,7 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
         out = model(to_device(query_view, device, cfg), to_device(key_view, device, cfg),
                     to_device(patches, device, cfg) if use_patches else None,
                     boxes.to(device) if use_patches else None)
-    queue = _unwrap(model).queue
+    queue = unwrap(model).queue
     key = out.key.float()
     weight = None if class_weight is None else class_weight.to(device)[labels]
     contrast = supcon(out.query.float(), key, labels, queue.keys, queue.labels,
@@ -135,46 +136,6 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
 CHECK_EVERY = 25  # stage-1 steps between two reads of the loss on a GPU
 
 
-def stop_if_not_finite(loss: torch.Tensor, where: str, hint: str) -> None:
-    """Raise the same NumericalError on every rank when the loss of any rank is NaN or infinite
-    (one all-reduce of a flag), so no rank is left waiting at the next collective."""
-    bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-    if bad.item():
-        raise NumericalError(f"{where}: the loss is not finite in {int(bad.item())} process(es) "
-                             f"(here: {loss.item()}); {hint}")
-
-
-def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast for the networks when ``precision: bf16``; a no-op context otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-
-def to_device(images: torch.Tensor, device: torch.device, cfg: Config) -> torch.Tensor:
-    """Move a (..., 3, H, W) image batch, in channels-last layout when asked."""
-    images = images.to(device, non_blocking=True)
-    if cfg.channels_last and images.ndim == 4:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
-
-
-def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
-    """Channels-last weights and ``torch.compile`` of the encoders, in place (state-dict keys unchanged)."""
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        # The method every call goes through is what gets compiled: forward_features (the query
-        # view calls it directly, the crops and keys through forward), or expert_maps for a
-        # multi-expert backbone. Compiling the module alone left the query view eager beside
-        # compiled crops, and a BatchNorm run eagerly and compiled in one step fails autograd's
-        # in-place check on its running statistics.
-        for name in ("encoder", "key_encoder", "backbone"):
-            if hasattr(model, name):
-                module = getattr(model, name)
-                entry = "expert_maps" if hasattr(module, "expert_maps") else "forward_features"
-                setattr(module, entry, torch.compile(getattr(module, entry)))
-    return model
-
-
 def optimise(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
              keys: torch.Tensor | None, labels: torch.Tensor) -> None:
     """How every stage-1 step ends: backward, the optimiser's step, then this step's keys (``None``
@@ -183,11 +144,7 @@ def optimise(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Ten
     loss.backward()
     optimizer.step()
     if keys is not None:
-        _unwrap(model).queue.enqueue(keys, labels)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+        unwrap(model).queue.enqueue(keys, labels)
 
 
 class KnnMonitor:
@@ -304,7 +261,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         row = {"stage": "pretrain", "epoch": epoch + 1, "lr": lr, "seconds": round(elapsed, 3),
                "images_per_s": round(seen_all / max(elapsed, 1e-9), 2)}
         row.update({name: round(float(total) / max(seen, 1), 5) for name, total in sums.items()})
-        row.update(health.measure(_unwrap(net), epoch + 1))
+        row.update(health.measure(unwrap(net), epoch + 1))
         run.add_metrics(row)
         start_step = 0
         save_last(epoch + 1, 0)

@@ -23,10 +23,13 @@ STAGES = ("pretrain", "linear", "evaluate")
 
 def load_data(cfg: Config) -> DataSplits:
     d = cfg.data
+    # imbalance_ratio None is the data set's default, resolved by build_splits: 100 for CIFAR-LT and the
+    # synthetic set, every file of an image folder, the split files' lists for the others
     splits = build_splits(d.name, d.root, imbalance_ratio=d.imbalance_ratio, val_per_class=cfg.val_per_class,
                           download=d.download, seed=cfg.seed, skip_bad_images=d.skip_bad_images, profile=d.profile,
                           synthetic_options={"num_classes": d.synthetic_classes, "n_max": d.synthetic_n_max,
-                                             "n_per_class_eval": d.synthetic_eval_per_class})
+                                             "n_per_class_eval": d.synthetic_eval_per_class},
+                          test_folder=d.test_folder)
     if d.image_size:
         splits.image_size = d.image_size
     return splits
@@ -40,9 +43,12 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
     run_dir.write_config()
     tic = time.perf_counter()
     splits = load_data(cfg)
+    counts = splits.train_counts
+    per_class = (", ".join(map(str, counts)) if len(counts) <= 20 else f"{max(counts)} to {min(counts)}")
     run_dir.log(f"data {cfg.data.name}: {len(splits.train)} train / "
                 f"{len(splits.val) if splits.val is not None else 0} val / {len(splits.test)} test images, "
-                f"{splits.num_classes} classes, train counts {max(splits.train_counts)} to {min(splits.train_counts)}")
+                f"{splits.num_classes} classes, training images per class {per_class}"
+                + (f"\n  {splits.selection}" if splits.selection else ""))
     timings = {}
     state, retrained, selection = None, False, {}
     if "pretrain" in stages:

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
+from ..errors import ConfigError
 from ..data import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, TransformedDataset, ViewPatchTransform,
                     ce_train_transform, eval_transform, query_view_transform)
 from ..data import batched
@@ -31,14 +32,20 @@ def patch_size(cfg: Config, size: int) -> int:
 
 def stage1_transform(cfg: Config, size: int, on_device: bool = False):
     mean, std = normalisation(size)
+    p = cfg.pretrain
+    strong = {"strong": p.strong_augment, "erasing": p.random_erasing}
+    if on_device and (p.strong_augment != "none" or p.random_erasing > 0):
+        raise ConfigError("pretrain.strong_augment / pretrain.random_erasing: only the per-image data path has "
+                          "them; set data.pipeline: pil")
     if not cfg.method_spec.contrastive:
         return (batched.BatchedCETransform(size, mean=mean, std=std) if on_device
-                else ce_train_transform(size, mean, std))
+                else ce_train_transform(size, mean, std, **strong))
     scale = crop_scale(cfg, size)
-    kind = batched.BatchedViewPatch if on_device else ViewPatchTransform
-    return kind(size, patch_size(cfg, size), num_patches=cfg.pretrain.num_patches if cfg.uses_pbsd else 0,
-                query_scale=scale, key_scale=scale, patch_scale=cfg.pretrain.patch_scale,
-                blur=not _small(size), mean=mean, std=std)
+    views = dict(num_patches=p.num_patches if cfg.uses_pbsd else 0, query_scale=scale, key_scale=scale,
+                 patch_scale=p.patch_scale, blur=not _small(size), mean=mean, std=std)
+    if on_device:
+        return batched.BatchedViewPatch(size, patch_size(cfg, size), **views)
+    return ViewPatchTransform(size, patch_size(cfg, size), **views, **strong)
 
 
 def linear_transform(cfg: Config, size: int, on_device: bool = False):
