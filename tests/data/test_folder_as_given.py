@@ -85,12 +85,15 @@ def test_cifar_and_synthetic_keep_their_default_of_100(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR)
     assert Config().data.imbalance_ratio is None
     cfg = load_config(overrides=["data.name=cifar10-lt", f"data.root={tmp_path}"])
+    assert cfg.data.imbalance_ratio == 100.0  # filled in, so the run's config.yaml says what it trained on
     splits = load_data(cfg)
     assert splits.train_counts == [4980] + longtail_counts(5000, 10, 100)[1:]  # 20 per class held out
-    assert "ratio 100 (the default of this data set): kept 12406 of 50000" in splits.selection
+    assert "ratio 100 (data.imbalance_ratio): kept 12406 of 50000" in splits.selection
     synthetic = load_data(load_config(overrides=["data.synthetic_n_max=200", "data.synthetic_eval_per_class=2"]))
     assert synthetic.train_counts == longtail_counts(200, 10, 100)
-    assert "ratio 100 (the default of this data set)" in synthetic.selection
+    direct = build_splits("synthetic", synthetic_options={"n_max": 200, "n_per_class_eval": 2})
+    assert direct.train_counts == synthetic.train_counts
+    assert "ratio 100 (the default of this data set)" in direct.selection
 
 
 def recipe_data(path: Path) -> dict:
