@@ -198,6 +198,8 @@ def of_type(hint):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if type(None) in typing.get_args(hint):
         return st.none() | of_type(args[0])
+    if typing.get_origin(hint) is typing.Literal:
+        return st.sampled_from(typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         if args[-1] is Ellipsis:
             return st.lists(of_type(args[0]), max_size=4)

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -37,8 +37,8 @@ class DataConfig:
     test_folder: str = "test"  # imagefolder: the folder under root read as the test split (e.g. val)
     image_size: int | None = None  # None: the data set's native size (32 for CIFAR / synthetic, else 224)
     num_workers: int = 0
-    pipeline: str = "auto"  # auto | pil | tensor: per-image PIL transforms, or batched on the device
-    profile: str = "exponential"  # exponential | pareto: how the class sizes fall from head to tail
+    pipeline: Literal["auto", "pil", "tensor"] = "auto"  # per-image PIL transforms, or batched on the device
+    profile: Literal["exponential", "pareto"] = "exponential"  # how the class sizes fall from head to tail
     skip_bad_images: bool = False
     synthetic_classes: int = 10
     synthetic_n_max: int = 500
@@ -80,14 +80,14 @@ class PretrainConfig:
     key_bn_groups: int = 8
     patch_bn_stats: bool = False  # let the patch crops update BatchNorm running statistics
     # Ablation variants (docs/ABLATIONS.md); the defaults are the method
-    pbsd_teacher: str = "roi"  # roi | global: PBSD's teacher is the ROI patch feature, or the global query z_i
-    patch_mode: str = "pbsd"  # pbsd | multicrop: the crops are distilled, or extra positive views in the contrast
-    queue_sampling: str = "fifo"  # fifo | balanced: one FIFO, or queue_size // C slots per class
+    pbsd_teacher: Literal["roi", "global"] = "roi"  # PBSD's teacher is the ROI patch feature, or the global query z_i
+    patch_mode: Literal["pbsd", "multicrop"] = "pbsd"  # crops distilled, or extra positive views in the contrast
+    queue_sampling: Literal["fifo", "balanced"] = "fifo"  # one FIFO, or queue_size // C slots per class
     # Strong augmentation of the contrastive CIFAR-LT peers, per-image data path only (data.pipeline: pil):
     # on the key view of the contrastive methods and on ce's one view (docs/RECIPES.md)
-    strong_augment: str = "none"  # none | autoaugment | randaugment
+    strong_augment: Literal[STRONG_AUGMENTS] = "none"
     random_erasing: float = 0.0  # Cutout: torchvision's RandomErasing with this probability
-    reweight: str = "none"  # none | effective_number: class-balanced weights (Cui et al. 2019) per anchor
+    reweight: Literal["none", "effective_number"] = "none"  # class-balanced weights (Cui et al. 2019) per anchor
     reweight_beta: float = 0.9999
     knn_every: int = 1  # k-NN top-1 on the validation split every N epochs (0: never)
     knn_k: int = 20
@@ -108,7 +108,7 @@ class LinearConfig:
     standardize: bool = True  # standardise the frozen features (statistics of the training set) before fc
     # sampler: class-balanced draws, cross-entropy (the paper's stage 2); loss: every image at its natural
     # frequency, logit-adjusted cross-entropy with tau = la_tau (Menon et al. 2021)
-    rebalance: str = "sampler"
+    rebalance: Literal["sampler", "loss"] = "sampler"
     la_tau: float = 1.0
     # true: each step sees fresh training-time views of its images (the paper's stage 2); false: the
     # un-augmented features are extracted once and every epoch reuses them (seconds per epoch)
@@ -128,7 +128,7 @@ class Config:
     method: str = "dscl+pbsd"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the networks; losses stay in float32)
+    precision: Literal["fp32", "bf16"] = "fp32"  # (autocast of the networks; losses stay in float32)
     channels_last: bool = False
     compile: bool = False  # torch.compile the encoders
     eval_batch_size: int = 512
@@ -193,6 +193,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value.text.strip()  # a folder named 2018, a name like "yes"
         value = value.parsed
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:  # a choice: the allowed values are listed once, in the field's type
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -258,7 +262,6 @@ def validate(cfg: Config) -> Config:
          "is needed by the dscl methods (or give pretrain.beta)"),
         (cfg.pretrain.beta is None or cfg.pretrain.beta >= 0, "pretrain.beta", "must be >= 0"),
         (cfg.pretrain.la_tau >= 0 and cfg.linear.la_tau >= 0, "pretrain.la_tau / linear.la_tau", "must be >= 0"),
-        (cfg.linear.rebalance in ("sampler", "loss"), "linear.rebalance", "must be sampler or loss"),
         (cfg.pretrain.queue_size >= cfg.pretrain.batch_size, "pretrain.queue_size",
          f"must be at least the batch size ({cfg.pretrain.batch_size})"),
         (0.0 <= cfg.pretrain.ema_momentum < 1.0, "pretrain.ema_momentum", "must lie in [0, 1)"),
@@ -283,21 +286,11 @@ def validate(cfg: Config) -> Config:
          "data.test_folder", f"must name one folder under data.root other than train (e.g. test or val), "
          f"got {cfg.data.test_folder!r}"),
         (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
-        (cfg.data.pipeline in ("auto", "pil", "tensor"), "data.pipeline", "must be auto, pil or tensor"),
-        (cfg.data.profile in ("exponential", "pareto"), "data.profile", "must be exponential or pareto"),
-        (cfg.pretrain.pbsd_teacher in ("roi", "global"), "pretrain.pbsd_teacher", "must be roi or global"),
-        (cfg.pretrain.patch_mode in ("pbsd", "multicrop"), "pretrain.patch_mode", "must be pbsd or multicrop"),
-        (cfg.pretrain.queue_sampling in ("fifo", "balanced"), "pretrain.queue_sampling", "must be fifo or balanced"),
-        (cfg.pretrain.reweight in ("none", "effective_number"), "pretrain.reweight",
-         "must be none or effective_number"),
         (0.0 <= cfg.pretrain.reweight_beta < 1.0, "pretrain.reweight_beta", "must lie in [0, 1)"),
-        (cfg.pretrain.strong_augment in STRONG_AUGMENTS, "pretrain.strong_augment",
-         f"must be one of {', '.join(STRONG_AUGMENTS)}"),
         (0.0 <= cfg.pretrain.random_erasing <= 1.0, "pretrain.random_erasing", "must lie in [0, 1]"),
         (cfg.uses_pbsd or (cfg.pretrain.pbsd_teacher == "roi" and cfg.pretrain.patch_mode == "pbsd"),
          "pretrain.pbsd_teacher / pretrain.patch_mode", f"change the patch term, which method {cfg.method!r} has not "
          "(use scl+pbsd or dscl+pbsd)"),
-        (cfg.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0"),
         (cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1"),
         (cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size", "must be >= 8"),
