@@ -419,7 +419,8 @@ def format_summary(rows: list[dict], seeds: list[int], select: str | None = None
     """Markdown table: mean ± std over seeds (top-1 %), validation accuracy, and the training
     time (the epochs of both stages, summed over whichever processes ran them)."""
     paper = any("paper_overall" in r for r in rows)
-    lines = [f"seeds {', '.join(map(str, seeds))}; mean ± std over the finished runs (a single run: its value)"
+    lines = [f"seeds {', '.join(map(str, seeds))}; mean ± sample std (n - 1) over the finished runs (a single run: "
+             "its value); val: the validation split that chose the stage-2 epoch (optimistic)"
              + ("; * best validation accuracy" if select == "val" else "")
              + ("; paper: overall top-1 the paper reports on ImageNet-LT (ResNet-50)" if paper else ""), "",
              "| combination | runs | Many | Medium | Few | Overall | val | training time (s) |"
