@@ -109,6 +109,7 @@ class LinearConfig:
     # sampler: class-balanced draws, cross-entropy (the paper's stage 2); loss: every image at its natural
     # frequency, logit-adjusted cross-entropy with tau = la_tau (Menon et al. 2021)
     rebalance: Literal["sampler", "loss"] = "sampler"
+    select: Literal["best", "last"] = "best"  # the epoch kept: best validation top-1, or the last one
     la_tau: float = 1.0
     # true: each step sees fresh training-time views of its images (the paper's stage 2); false: the
     # un-augmented features are extracted once and every epoch reuses them (seconds per epoch)

@@ -99,3 +99,12 @@ def test_evaluate_logit_adjust_of_a_finished_run_matches_the_runs_own(tmp_path, 
     again = json.loads((out / "evaluations" / "posthoc-la.json").read_text())
     assert again == json.loads(before)["posthoc_la"]
     assert (out / "results.json").read_text() == before
+
+
+def test_linear_select_last_keeps_the_last_epoch_whatever_validation_says(tmp_path, no_plots):
+    out = tmp_path / "run"
+    overrides = [*TINY, "method=scl", "linear.epochs=3", "linear.select=last"]
+    assert main(["run", "--out", str(out), *_sets(overrides)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["stage2"] == {"selected_on": "last_epoch", "best_epoch": 3, "best_val_top1": None}
+    assert "last epoch kept (linear.select: last)" in (out / "log.txt").read_text()

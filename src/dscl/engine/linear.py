@@ -134,7 +134,9 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
             + ("standardised " if lc.standardize else "raw ")
             + ("features of fresh augmented views, " if lc.augment
                else "features of the un-augmented images (extracted once), ")
-            + ("best epoch chosen on validation" if val is not None else "no validation split: last epoch kept"))
+            + ("best epoch chosen on validation" if val is not None and lc.select == "best"
+               else "last epoch kept (linear.select: last)" if val is not None
+               else "no validation split: last epoch kept"))
 
     def save_last(epoch: int, step: int) -> None:
         run.save(run.checkpoint("linear_last"), {"stage": "linear", "fc": model.fc.state_dict(), "best": best,
@@ -172,10 +174,11 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
             with torch.no_grad():
                 preds = model.head(val[0]).argmax(1)
             row["val_top1"] = round(accuracy_report(preds.cpu(), val[1].cpu(), splits.train_counts)["overall"], 4)
+        if val is not None and lc.select == "best":
             if best["val"] is None or row["val_top1"] > best["val"]:
                 best = {"epoch": epoch + 1, "val": row["val_top1"],
                         "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
-        else:
+        else:  # the last epoch: no validation split, or linear.select: last
             best = {"epoch": epoch + 1, "val": None, "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
         run.add_metrics(row)
         start_step = 0
