@@ -23,8 +23,8 @@ STAGES = ("pretrain", "linear", "evaluate")
 
 def load_data(cfg: Config) -> DataSplits:
     d = cfg.data
-    # imbalance_ratio None is the data set's default, resolved by build_splits: 100 for CIFAR-LT and the
-    # synthetic set, every file of an image folder, the split files' lists for the others
+    # imbalance_ratio None (image folders, split files) keeps every training image; load_config has
+    # already written CIFAR-LT's and the synthetic set's default of 100 into the config
     splits = build_splits(d.name, d.root, imbalance_ratio=d.imbalance_ratio, val_per_class=cfg.val_per_class,
                           download=d.download, seed=cfg.seed, skip_bad_images=d.skip_bad_images, profile=d.profile,
                           synthetic_options={"num_classes": d.synthetic_classes, "n_max": d.synthetic_n_max,
