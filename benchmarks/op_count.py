@@ -61,8 +61,8 @@ def count(overrides: list[str], method: str, num_classes: int = 10, batch: int =
 
     def step():
         views = transform(images)
-        loss, parts = stage1_losses(model, (views, labels), cfg, torch.device("cpu"), num_classes=num_classes)
-        optimise(model, optimizer, loss, parts.get("_keys"), labels)
+        loss, parts, keys = stage1_losses(model, (views, labels), cfg, torch.device("cpu"), num_classes=num_classes)
+        optimise(model, optimizer, loss, keys, labels)
 
     step()  # the first step creates the optimizer's state
     with OpCounter() as views_only:

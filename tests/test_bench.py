@@ -17,7 +17,7 @@ def _step_flops(cfg, batch) -> int:
     torch.manual_seed(0)
     model = build_stage1_model(cfg, 100).train()
     with FlopCounterMode(display=False) as counter:
-        loss, _ = stage1_losses(model, batch, cfg, torch.device("cpu"))
+        loss, _, _ = stage1_losses(model, batch, cfg, torch.device("cpu"))
         loss.backward()
     return counter.get_total_flops()
 

@@ -75,8 +75,8 @@ def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: 
         losses = {"supcon": dense.dense_decoupled_supcon_loss, "pbsd": dense.dense_patch_distillation_loss}
 
     def step():
-        loss, parts = stage1_losses(model, batch, cfg, device, num_classes=num_classes, **losses)
-        optimise(model, optimizer, loss, parts["_keys"], labels)
+        loss, parts, keys = stage1_losses(model, batch, cfg, device, num_classes=num_classes, **losses)
+        optimise(model, optimizer, loss, keys, labels)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -123,7 +123,7 @@ def _ce_step_ms(cfg, num_classes, images, labels, steps, warmup, device) -> floa
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
-        loss, _ = stage1_losses(model, (images, labels), ce_cfg, device)
+        loss, _, _ = stage1_losses(model, (images, labels), ce_cfg, device)
         optimise(model, optimizer, loss, None, labels)
 
     return _time_steps(step, steps, warmup, device)

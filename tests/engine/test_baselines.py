@@ -44,7 +44,7 @@ def test_ce_la_trains_on_the_logit_adjusted_loss():
     model = build_stage1_model(cfg, 3)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 2])
     log_pi = loss_priors(cfg, counts)
-    loss, _ = stage1_losses(model, (images, labels), cfg, torch.device("cpu"), log_pi=log_pi)
+    loss, _, _ = stage1_losses(model, (images, labels), cfg, torch.device("cpu"), log_pi=log_pi)
     model.eval()  # same BN behaviour as above is not needed: compare against the train-mode logits
     model.train()
     logits = model(images)

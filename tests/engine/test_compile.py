@@ -26,7 +26,7 @@ def step(experts: int, compiled: bool):
              torch.randn(4, 2, 3, 16, 16, generator=g),
              torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 4.0, 30.0, 28.0]]).expand(4, 2, 4).contiguous())
     torch.manual_seed(2)  # the key shuffle
-    loss, _ = stage1_losses(model, (views, torch.tensor([0, 1, 2, 0])), cfg, torch.device("cpu"))
+    loss, _, _ = stage1_losses(model, (views, torch.tensor([0, 1, 2, 0])), cfg, torch.device("cpu"))
     loss.backward()
     return model, loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
 

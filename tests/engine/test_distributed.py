@@ -38,9 +38,8 @@ def _one_step(rank: int, out: str) -> None:
     boxes = torch.tensor([0.0, 0.0, 16.0, 16.0]).repeat(b, 2, 1)
     batch = ((torch.randn(b, 3, 32, 32), torch.randn(b, 3, 32, 32), torch.randn(b, 2, 3, 16, 16), boxes),
              torch.randint(0, 5, (b,)))
-    loss, parts = stage1_losses(model, batch, cfg, torch.device("cpu"))
+    loss, parts, keys = stage1_losses(model, batch, cfg, torch.device("cpu"))
     loss.backward()
-    keys = parts["_keys"]
     model.queue.enqueue(all_gather_cat(keys), all_gather_cat(batch[1]))
     torch.save({"keys": keys, "labels": batch[1], "queue": model.queue.keys.clone(),
                 "queue_labels": model.queue.labels.clone(), "ptr": int(model.queue.ptr)}, f"{out}/rank{rank}.pt")
@@ -137,8 +136,8 @@ def _nan_on_rank_one(rank: int, world: int, port: int, out: str, overrides: list
 
     def nan_at_second_step_of_rank_one(*args, **kwargs):
         calls["n"] += 1
-        loss, parts = real(*args, **kwargs)
-        return (loss * float("nan") if rank == 1 and calls["n"] == 2 else loss), parts
+        loss, parts, keys = real(*args, **kwargs)
+        return (loss * float("nan") if rank == 1 and calls["n"] == 2 else loss), parts, keys
 
     pretrain_module.stage1_losses = nan_at_second_step_of_rank_one
     rt = setup("cpu")

@@ -11,8 +11,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tiny_
 
     def fails_on_fifth_step(*args, **kwargs):
         calls["n"] += 1
-        loss, parts = real(*args, **kwargs)
-        return (loss * float("nan") if calls["n"] == 5 else loss), parts
+        loss, parts, keys = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 5 else loss), parts, keys
 
     monkeypatch.setattr(pretrain_module, "stage1_losses", fails_on_fifth_step)
     out = tmp_path / "run"

@@ -75,7 +75,7 @@ def test_stage1_losses_passes_the_methods_alpha_to_the_contrastive_loss(method, 
     def fake_pbsd(*args, **kwargs):
         return args[0].sum() * 0.0
 
-    loss, parts = stage1_losses(model, ((query, key, patches, boxes), labels), cfg, torch.device("cpu"),
+    loss, parts, _ = stage1_losses(model, ((query, key, patches, boxes), labels), cfg, torch.device("cpu"),
                                 supcon=fake_supcon, pbsd=fake_pbsd)
     assert len(seen) == 1 and "alpha" in seen[0]
     if expected is None:

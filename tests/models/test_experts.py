@@ -106,7 +106,7 @@ def test_stage1_loss_is_the_mean_of_each_experts_loss_with_its_own_queue():
     assert not torch.equal(model.queue[0].keys, model.queue[1].keys) and model.queue.num_valid() == 10
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(2)
-    loss, parts = stage1_losses(model, batch(), cfg, torch.device("cpu"))
+    loss, parts, keys = stage1_losses(model, batch(), cfg, torch.device("cpu"))
     loss.backward()
     assert all(h.net[0].weight.grad is not None for h in model.heads)
     model.load_state_dict(state)
@@ -122,8 +122,8 @@ def test_stage1_loss_is_the_mean_of_each_experts_loss_with_its_own_queue():
         expected.append(contrast + 1.5 * distill)
         torch.testing.assert_close(parts[f"loss_e{e}"], expected[-1])
     torch.testing.assert_close(loss, torch.stack(expected).mean())
-    assert parts["_keys"].shape == (4, 3, 16)
-    torch.testing.assert_close(parts["_keys"][:, 2], outs[2].key)
+    assert keys.shape == (4, 3, 16) and not any(name.startswith("_") for name in parts)
+    torch.testing.assert_close(keys[:, 2], outs[2].key)
 
 
 def test_ema_and_queues_are_per_expert():

@@ -61,7 +61,7 @@ def per_expert(stage1_losses):
     that expert's queue (same keywords); any other model goes straight through."""
 
     @functools.wraps(stage1_losses)
-    def losses(model: nn.Module, batch, cfg: Config, device: torch.device, **options) -> tuple[Tensor, dict]:
+    def losses(model: nn.Module, batch, cfg: Config, device: torch.device, **options) -> tuple[Tensor, dict, Tensor]:
         if not isinstance(model.module if isinstance(model, DistributedDataParallel) else model, MultiExpertContrast):
             return stage1_losses(model, batch, cfg, device, **options)
         return _expert_losses(stage1_losses, model, batch, cfg, device, options)
@@ -70,9 +70,9 @@ def per_expert(stage1_losses):
 
 
 def _expert_losses(stage1_losses, net: nn.Module, batch, cfg: Config, device: torch.device,
-                   options: dict) -> tuple[Tensor, dict]:
+                   options: dict) -> tuple[Tensor, dict, Tensor]:
     """The mean over experts of each expert's loss. Parts are means over experts, plus
-    ``loss_e<k>`` per expert; ``_keys`` is (B, E, D) for :class:`~dscl.models.experts.ExpertQueues`."""
+    ``loss_e<k>`` per expert; the keys are (B, E, D) for :class:`~dscl.models.experts.ExpertQueues`."""
 
     (query_view, key_view, patches, boxes), labels = batch
     use_patches = cfg.uses_pbsd
@@ -84,13 +84,12 @@ def _expert_losses(stage1_losses, net: nn.Module, batch, cfg: Config, device: to
     on_device = (views, labels.to(device, non_blocking=True))  # moved once, not once per expert
     per_expert = [stage1_losses(_OneExpert(out, queues[e]), on_device, cfg, device, **options)
                   for e, out in enumerate(outs)]
-    loss = torch.stack([expert_loss for expert_loss, _ in per_expert]).mean()
-    parts = {name: torch.stack([p[name] for _, p in per_expert]).mean()
-             for name in per_expert[0][1] if name not in ("_keys", "loss")}
+    loss = torch.stack([expert_loss for expert_loss, _, _ in per_expert]).mean()
+    parts = {name: torch.stack([p[name] for _, p, _ in per_expert]).mean()
+             for name in per_expert[0][1] if name != "loss"}
     parts["loss"] = loss
-    parts.update({f"loss_e{e}": expert_loss.detach() for e, (expert_loss, _) in enumerate(per_expert)})
-    parts["_keys"] = torch.stack([p["_keys"] for _, p in per_expert], 1)  # (B, E, D)
-    return loss, parts
+    parts.update({f"loss_e{e}": expert_loss.detach() for e, (expert_loss, _, _) in enumerate(per_expert)})
+    return loss, parts, torch.stack([keys for _, _, keys in per_expert], 1)  # keys (B, E, D)
 
 
 def classifier_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -77,8 +77,9 @@ def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
 def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
                   supcon=decoupled_supcon_loss, pbsd=patch_distillation_loss,
                   class_weight: torch.Tensor | None = None, num_classes: int | None = None,
-                  log_pi: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Loss of one batch and its parts, for any method (``supcon`` / ``pbsd``: the loss functions;
+                  log_pi: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """Loss of one batch, its parts (what the metrics log) and the batch's keys for the queue
+    (None for a classifier trained end to end), for any method (``supcon`` / ``pbsd``: the loss functions;
     ``class_weight``: (C,) weights of the anchors by class, see :func:`anchor_weights`;
     ``num_classes``: given, the losses never wait for the device to find it; ``log_pi``:
     (C,) log class priors of a logit-adjusted loss, see :func:`loss_priors`).
@@ -97,7 +98,7 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
             logits = model(to_device(views, device, cfg)).float()
         loss = (F.cross_entropy(logits, labels) if log_pi is None
                 else logit_adjusted_loss(logits, labels, log_pi, cfg.pretrain.la_tau))
-        return loss, {"loss": loss}
+        return loss, {"loss": loss}, None
     query_view, key_view, patches, boxes = views
     use_patches = cfg.uses_pbsd
     with autocast(cfg, device):
@@ -129,8 +130,7 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
         parts["pbsd"] = distill
         parts.update(distillation_signals(*args, **temperatures))  # what the teacher asks: entropies, agreement
     parts["loss"] = loss
-    parts["_keys"] = key
-    return loss, parts
+    return loss, parts, key
 
 
 CHECK_EVERY = 25  # stage-1 steps between two reads of the loss on a GPU
@@ -233,7 +233,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
             lr = warmup_cosine(base_lr, epoch * steps + step, total_steps, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, parts = stage1_losses(net, batch, cfg, rt.device, class_weight=class_weight,
+            loss, parts, keys = stage1_losses(net, batch, cfg, rt.device, class_weight=class_weight,
                                         num_classes=splits.num_classes, log_pi=log_pi)
             # The sum of the losses since the last check is finite iff each of them is. Reading it
             # makes the host wait for the device, so a GPU reads it every CHECK_EVERY steps only
@@ -246,7 +246,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
                                    f"the last good checkpoint is {run.checkpoint('pretrain_last')}")
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
                 unchecked, first = None, step + 1
-            keys, labels = parts.pop("_keys", None), batch[1]
+            labels = batch[1]
             if keys is not None:  # the queue takes the keys of all ranks
                 keys, labels = all_gather_cat(keys), all_gather_cat(labels.to(rt.device))
             optimise(net, optimizer, loss, keys, labels)
