@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dscl.bench import bench
+from dscl.bench import bench, per_index_students
 from dscl.config import load_config
 from dscl.engine.pretrain import build_stage1_model, stage1_losses
 
@@ -84,3 +84,14 @@ def test_bench_times_are_the_median_step_of_a_clock_it_does_not_control(monkeypa
     assert result["measured_ratio"] == pytest.approx(3.1)
     assert result["images_per_s"] == pytest.approx(4 / 0.031, abs=0.01)
     assert result["ce_images_per_s"] == pytest.approx(400.0)
+
+
+def test_the_reference_students_equal_the_batched_ones_in_eval_mode():
+    """The bench's reference (one forward per crop index, as the authors' code) and the model's
+    batched students differ only in BatchNorm's batch statistics: on running statistics they agree."""
+    cfg = load_config(None, ["method=dscl+pbsd", *BENCH])
+    torch.manual_seed(0)
+    model = build_stage1_model(cfg, 3).eval()
+    patches = torch.randn(4, 3, 3, 16, 16)
+    torch.testing.assert_close(per_index_students(model, patches), model.student_features(patches),
+                               atol=1e-5, rtol=1e-4)

@@ -11,6 +11,7 @@ for one image, which is how a multi-expert backbone (``model.experts``) compares
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -26,8 +27,19 @@ from .engine.experts import build_encoder
 from .engine.pretrain import build_stage1_model, optimise, prepare_model, stage1_losses
 from .engine.views import patch_size
 from .losses import dense
-from .models import build_classifier
+from .models import MultiExpertContrast, build_classifier
 
+
+
+def per_index_students(model, patches: torch.Tensor):
+    """The reference way to compute PBSD's students, as the authors' code does: one forward per
+    crop index (so BatchNorm's batch statistics are per index). What ``--reference`` times
+    against the model's own batched ``student_features``."""
+    num_patches = patches.shape[1]
+    if isinstance(model, MultiExpertContrast):
+        per_patch = [model._project(model.encoder.expert_maps(patches[:, j])) for j in range(num_patches)]
+        return [torch.stack([p[e] for p in per_patch], 1) for e in range(model.num_experts)]
+    return torch.stack([F.normalize(model.head(model.encoder(patches[:, j])), dim=1) for j in range(num_patches)], 1)
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -60,7 +72,8 @@ def bench(config: Path | None, overrides=(), *, reference: bool = False, steps: 
     if not cfg.method_spec.contrastive:
         raise SystemExit("dscl bench times a contrastive method against CE; choose method=scl, dscl, ... ")
     model = prepare_model(build_stage1_model(cfg, num_classes).to(device).train(), cfg)
-    model.batched_patches = not reference
+    if reference:
+        model.student_features = functools.partial(per_index_students, model)
     with torch.no_grad():  # a full queue of unit keys with real labels (one queue per expert)
         for queue in getattr(model.queue, "queues", [model.queue]):
             queue.keys.copy_(F.normalize(torch.randn_like(queue.keys), dim=1))

@@ -171,7 +171,6 @@ class MultiExpertContrast(nn.Module):
                                    else ClassBalancedQueue(queue_size, feature_dim, num_classes)
                                    for _ in range(backbone.num_experts)])
         self.momentum, self.teacher, self.patch_bn_stats = momentum, teacher, patch_bn_stats
-        self.batched_patches = True
 
     @property
     def num_experts(self) -> int:
@@ -213,13 +212,14 @@ class MultiExpertContrast(nn.Module):
                 elif self.teacher == "global":
                     teachers = [q.detach()[:, None, :].expand(b, num_patches, q.shape[1]) for q in queries]
             with contextlib.nullcontext() if self.patch_bn_stats else frozen_running_stats(self.encoder):
-                if self.batched_patches:  # all B*L crops through the shared stages at once
-                    students = [s.view(b, num_patches, -1)
-                                for s in self._project(self.encoder.expert_maps(patches.flatten(0, 1)))]
-                else:  # reference: one forward per patch index
-                    per_patch = [self._project(self.encoder.expert_maps(patches[:, j])) for j in range(num_patches)]
-                    students = [torch.stack([p[e] for p in per_patch], 1) for e in range(self.num_experts)]
+                students = self.student_features(patches)
         return [ContrastOutput(*parts) for parts in zip(queries, keys, teachers, students)]
+
+    def student_features(self, patches: Tensor) -> list[Tensor]:
+        """(B, L, 3, P, P) crops -> each expert's (B, L, D) features, all B*L crops through the
+        shared stages at once."""
+        b, num_patches = patches.shape[:2]
+        return [s.view(b, num_patches, -1) for s in self._project(self.encoder.expert_maps(patches.flatten(0, 1)))]
 
     def patch_teacher(self, feature_map: Tensor, boxes: Tensor, head: nn.Module) -> Tensor:
         """Eq. 11 on one expert's map u_e, projected by that expert's head -> (B, L, D)."""

@@ -89,7 +89,6 @@ class MomentumContrast(nn.Module):
         # The patch crops' teacher: "roi" (PBSD, Eq. 11), "global" (the anchor's own z_i, the
         # `*` ablation) or None (no teacher: the crops only enter the contrastive loss)
         self.teacher = teacher
-        self.batched_patches = True
         # The patch crops are normalised with their own batch statistics either way; by default
         # they stay out of the running statistics, which stage 2 and evaluation use on full-size
         # images (with 5 crops per image they would otherwise make up most of the updates).
@@ -126,13 +125,15 @@ class MomentumContrast(nn.Module):
                 elif self.teacher == "global":
                     teacher = query.detach()[:, None, :].expand(b, num_patches, query.shape[1])
             with contextlib.nullcontext() if self.patch_bn_stats else frozen_running_stats(self.encoder):
-                if self.batched_patches:
-                    crops = patches.flatten(0, 1)  # (B*L, 3, P, P), one forward for all crops
-                    student = F.normalize(self.head(self.encoder(crops)), dim=1).view(b, num_patches, -1)
-                else:  # reference: one forward per patch index, as the authors' code does
-                    student = torch.stack([F.normalize(self.head(self.encoder(patches[:, j])), dim=1)
-                                           for j in range(num_patches)], 1)
+                student = self.student_features(patches)
         return ContrastOutput(query, key, teacher, student)
+
+    def student_features(self, patches: Tensor) -> Tensor:
+        """Eq. 13: (B, L, 3, P, P) crops -> (B, L, D) normalised features, all B*L crops in one
+        forward (the authors run one forward per crop index; ``dscl bench --reference`` times that)."""
+        b, num_patches = patches.shape[:2]
+        crops = patches.flatten(0, 1)  # (B*L, 3, P, P)
+        return F.normalize(self.head(self.encoder(crops)), dim=1).view(b, num_patches, -1)
 
     def patch_teacher(self, feature_map: Tensor, boxes: Tensor) -> Tensor:
         """Eq. 11: ROI-align each box on u (2x2 output), average, project, normalise -> (B, L, D)."""
