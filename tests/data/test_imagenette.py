@@ -24,6 +24,8 @@ from dscl.data import build_splits, longtail_counts, shot_groups
 from dscl.engine.runner import load_data
 from dscl.errors import ConfigError, DataError
 
+from conftest import linked_images
+
 RECIPE = Path(__file__).parents[2] / "configs" / "dscl-pbsd_resnet18_b128-cos-30e_imagenette-lt-r100.yaml"
 WNIDS = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042",
          "n03425413", "n03445777", "n03888257"]
@@ -33,17 +35,10 @@ GRAY = {("train", 3), ("val", 5)}  # (split, class) whose files are grayscale
 
 
 def fake_imagenette(root: Path) -> None:
-    root.mkdir(parents=True)
     for split, sizes in (("train", TRAIN), ("val", VAL)):
         for c, (wnid, n) in enumerate(zip(WNIDS, sizes)):
             mode, colour = ("L", 60 + c) if (split, c) in GRAY else ("RGB", (c * 20, 40, 90))
-            source = root / f"{split}-{c}.JPEG"  # one file per class and split: a file's links are limited
-            Image.new(mode, (16, 16), colour).save(source)
-            folder = root / split / wnid
-            folder.mkdir(parents=True)
-            for i in range(n):
-                os.link(source, folder / f"{wnid}_{i:05d}.JPEG")
-            source.unlink()
+            linked_images(root / split / wnid, Image.new(mode, (16, 16), colour), n)
 
 
 def test_the_recipe_on_a_fake_tree_gives_the_documented_split(tmp_path):

@@ -4,7 +4,6 @@ ratio 100 keeps 21,549 images (500 down to 5 per class), 50 per class are held o
 validation from the left-over images (the head classes give up some of their own), leaving
 21,413 training images with Many / Medium / Few = 70 / 70 / 60 classes."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +13,15 @@ from dscl.config import load_config
 from dscl.data import longtail_counts, shot_groups
 from dscl.engine.runner import load_data
 
+from conftest import linked_images
+
 RECIPE = Path(__file__).parents[2] / "configs" / "dscl-pbsd_resnet32_b128-cos-30e_tinyimagenet-lt-r100.yaml"
 
 
 def fake_tiny_imagenet(root: Path, classes: int = 200, train: int = 500, test: int = 2) -> None:
-    root.mkdir(parents=True)
     for c in range(classes):
-        wnid, source = f"n{c:08d}", root / f"{c}.png"  # one file per class: a file's links are limited
-        Image.new("RGB", (32, 32), (c, 40, 90)).save(source)
         for split, n in (("train", train), ("test", test)):
-            folder = root / split / wnid
-            folder.mkdir(parents=True)
-            for i in range(n):
-                os.link(source, folder / f"{wnid}_{i}.JPEG")
-        source.unlink()
+            linked_images(root / split / f"n{c:08d}", Image.new("RGB", (32, 32), (c, 40, 90)), n)
 
 
 def test_the_recipe_on_a_fake_tree_gives_the_published_counts(tmp_path):
