@@ -146,18 +146,23 @@ def _label_map(model_classes: list[str], data_classes: list[str], where: str) ->
     raise DataError(f"{where}: {len(data_classes)} classes, but the model has {len(model_classes)}")
 
 
+def _open_run(run_dir: Path, data: str | None, overrides: list[str]):
+    """A finished run's config (its data changed by ``data`` / ``overrides``), its classifier
+    and the splits of that data: what ``dscl evaluate RUN_DIR`` works on."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a dscl run folder (no config.yaml)")
+    saved = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", _data_overrides(saved.data.name, data, list(overrides)))
+    return cfg, load(run_dir, cfg.device), load_data(cfg)
+
+
 def evaluate_run(run_dir: Path, data: str | None = None, overrides: list[str] = (), split: str = "test",
                  results: Path | None = None) -> dict:
     """Top-1 of the run's classifier on ``split`` of the run's data set changed by ``data`` /
     ``overrides``; writes ``results`` (default RUN_DIR/evaluations/<data set>-<split>.json)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a dscl run folder (no config.yaml)")
-    saved = load_config(run_dir / "config.yaml")
-    cfg = load_config(run_dir / "config.yaml", _data_overrides(saved.data.name, data, list(overrides)))
     tic = time.perf_counter()
-    model = load(run_dir, cfg.device)
-    splits = load_data(cfg)
+    cfg, model, splits = _open_run(run_dir, data, overrides)
     dataset = getattr(splits, split)
     where = f"{cfg.data.name}" + (f" at {cfg.data.root}" if cfg.data.root else "")
     if dataset is None:
@@ -185,11 +190,7 @@ def logit_adjust_run(run_dir: Path, overrides: list[str] = (), results: Path | N
     counts. Writes ``results`` (default RUN_DIR/evaluations/posthoc-la.json, which ``dscl sweep
     --posthoc-la`` reads for runs whose results.json predates the adjustment)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a dscl run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", _data_overrides(None, None, list(overrides)))
-    model = load(run_dir, cfg.device)
-    splits = load_data(cfg)
+    cfg, model, splits = _open_run(run_dir, None, overrides)
     if splits.val is None:
         raise DataError(f"{run_dir}: its data set has no validation split to choose tau on (set data.val_per_class)")
     train_counts = model.card.get("train_counts") or splits.train_counts

@@ -28,13 +28,13 @@ DATASET_NAMES = ("synthetic", "cifar10-lt", "cifar100-lt", "imagefolder", "image
 _SPLIT_FILES = {"imagenet-lt": ("ImageNet_LT", 1000), "places-lt": ("Places_LT", 365)}
 _SYNTHETIC_KEYS = ("num_classes", "n_max", "n_per_class_eval", "image_size")
 _DEFAULT_RATIO = 100.0
+HOLDOUT_SEED = 0  # the held-out validation images are the same whatever the run's seed
 
 
 def default_ratio(name: str) -> float | None:
     """The imbalance ratio data set ``name`` takes when none is given: CIFAR-LT's and the
     synthetic set's 100; None (every image) for image folders and the split-file data sets."""
     return _DEFAULT_RATIO if name in ("synthetic", "cifar10-lt", "cifar100-lt") else None
-HOLDOUT_SEED = 0  # the held-out validation images are the same whatever the run's seed
 
 
 class TransformedDataset(Dataset):
@@ -124,7 +124,8 @@ def _select(targets: list[int], classes: list[str], ratio: float | None, val_per
     return kept, val, f"{what}; {val_per_class} per class held out for validation (data.val_per_class{source})"
 
 
-def _cifar(name: str, root: str, ratio: float | None, val_per_class: int, download: bool, profile: str) -> DataSplits:
+def _cifar(name: str, root: str, ratio: float, default: bool, val_per_class: int, download: bool,
+           profile: str) -> DataSplits:
     from torchvision import datasets as tv_datasets  # looked up here: tests substitute it
 
     cls = tv_datasets.CIFAR10 if name == "cifar10-lt" else tv_datasets.CIFAR100
@@ -138,8 +139,7 @@ def _cifar(name: str, root: str, ratio: float | None, val_per_class: int, downlo
     classes = list(full.classes)
     train_all = ArrayDataset(np.asarray(full.data), full.targets, classes)
     # the LDAM-DRW images, then the balanced hold-out from those it left out
-    kept, val_idx, what = _select(train_all.targets, classes, _DEFAULT_RATIO if ratio is None else ratio,
-                                  val_per_class, profile, name, ratio is None)
+    kept, val_idx, what = _select(train_all.targets, classes, ratio, val_per_class, profile, name, default)
     val = None if val_idx is None else train_all.subset(val_idx)
     return DataSplits(train_all.subset(kept), val,
                       ArrayDataset(np.asarray(test.data), test.targets, classes),
@@ -325,16 +325,15 @@ def build_splits(
             raise DataError(f"{name}: root folder not found: {root}"
                             + ("; set `data.download: true` to download CIFAR"
                                if name.startswith("cifar") else ""))
-    ratio = None if imbalance_ratio is None else float(imbalance_ratio)
+    default = imbalance_ratio is None  # the data set's own: 100, or every image (default_ratio)
+    ratio = default_ratio(name) if default else float(imbalance_ratio)
     if name == "synthetic":
-        default = ratio is None
-        ratio = _DEFAULT_RATIO if default else ratio
         splits = _synthetic(ratio, seed, synthetic_options, profile)
         splits.selection = (f"synthetic long tail at ratio {ratio:g} "
                             f"({'the default of this data set' if default else 'data.imbalance_ratio'})")
         return _check(splits, name, f" (the synthetic long tail at ratio {ratio:g})")
     if name in ("cifar10-lt", "cifar100-lt"):
-        return _check(_cifar(name, root, ratio, val_per_class, download, profile), name)
+        return _check(_cifar(name, root, ratio, default, val_per_class, download, profile), name)
     if name == "imagefolder":
         splits = _imagefolder(root, ratio, val_per_class, profile, test_folder)
         where = {s: os.path.join(root, s) for s in ("train", "val")}

@@ -1,6 +1,5 @@
 """Top-1 accuracy overall and by Many / Medium / Few shot group (Many > 100, Medium 20-100, Few < 20
-training images), k-NN, and the
-post-hoc logit adjustment of a trained classifier (Menon et al. 2021)."""
+training images), k-NN, and the post-hoc logit adjustment of a trained classifier (Menon et al. 2021)."""
 
 from __future__ import annotations
 
