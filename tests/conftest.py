@@ -1,11 +1,9 @@
-"""Shared fixtures: tiny run settings that finish in seconds on a CPU, fake image folders."""
+"""Shared fixtures: tiny run settings that finish in seconds on a CPU."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # under `pytest -n N` each worker (and each process it starts) takes one thread, not one per core
@@ -49,14 +47,3 @@ def check_patch_boxes():
     """The property check shared by the per-image and the batched patch samplers."""
     return _check_patch_boxes
 
-
-def linked_images(folder: Path, image: Image.Image, count: int) -> None:
-    """``count`` files ``<folder name>_NNNNN.JPEG`` in ``folder``, all hard links to ``image``
-    saved once: a fake data set of 100,000 files in seconds (one source per folder, since the
-    links to one file are limited)."""
-    folder.mkdir(parents=True)
-    source = folder.parent / f".{folder.name}.JPEG"
-    image.save(source)
-    for i in range(count):
-        os.link(source, folder / f"{folder.name}_{i:05d}.JPEG")
-    source.unlink()

@@ -24,7 +24,7 @@ from dscl.data import build_splits, longtail_counts, shot_groups
 from dscl.engine.runner import load_data
 from dscl.errors import ConfigError, DataError
 
-from conftest import linked_images
+from fake_trees import linked_images
 
 RECIPE = Path(__file__).parents[2] / "configs" / "dscl-pbsd_resnet18_b128-cos-30e_imagenette-lt-r100.yaml"
 WNIDS = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042",

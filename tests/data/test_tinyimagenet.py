@@ -13,7 +13,7 @@ from dscl.config import load_config
 from dscl.data import longtail_counts, shot_groups
 from dscl.engine.runner import load_data
 
-from conftest import linked_images
+from fake_trees import linked_images
 
 RECIPE = Path(__file__).parents[2] / "configs" / "dscl-pbsd_resnet32_b128-cos-30e_tinyimagenet-lt-r100.yaml"
 
