@@ -75,10 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RUN_HELP = "a finished run folder, or the name of weights published with dscl (e.g. tinyimagenet-lt-r100/ce)"
+
+
 def _reuse_args(sub) -> None:
     """``predict``, ``export`` and ``evaluate RUN_DIR``: use a finished run without writing into its files."""
     evaluate = sub.choices["evaluate"]
-    evaluate.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR", help="a finished run folder")
+    evaluate.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR", help=RUN_HELP)
     evaluate.add_argument("--data", metavar="NAME|ROOT", help="another data set name or data root "
                           "(otherwise the run's); --set data.KEY=VALUE changes any other data setting")
     evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")
@@ -92,7 +95,7 @@ def _reuse_args(sub) -> None:
                              "status: 0 when every input was predicted; 1 when any input was skipped (a missing "
                              "path, an unreadable image, a folder without images: each is named on stderr, the "
                              "others are still predicted); 2 on an error (e.g. an unusable run folder).")
-    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_HELP)
     predict.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER", help="image files and folders (recursive)")
     predict.add_argument("--topk", type=int, default=5)
     predict.add_argument("--format", choices=["table", "json", "csv"], default="table")
@@ -100,9 +103,12 @@ def _reuse_args(sub) -> None:
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     export = sub.add_parser("export",
                             help="a finished run's classifier as a torchvision state dict, TorchScript or ONNX")
-    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    export.add_argument("--format", choices=["torchvision", "torchscript", "onnx"], required=True)
-    export.add_argument("--out", type=Path, required=True, metavar="FILE")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_HELP)
+    export.add_argument("--format", choices=["torchvision", "torchscript", "onnx", "run"], required=True,
+                        help="run: a slim run folder (the classifier's weights, config, model card, results) "
+                             "that dscl.load, predict and evaluate read like the run")
+    export.add_argument("--out", type=Path, required=True, metavar="FILE|DIR")
+    export.add_argument("--data-root", metavar="PATH", help="--format run: the data.root the copy records")
     export.add_argument("--no-check", action="store_true", help="skip running the file in a fresh process")
 
 
@@ -114,9 +120,12 @@ def _reuse_command(args) -> int:
                                batch_size=args.batch_size, device=args.device)
     if args.command == "export":
         from .engine.trained import load
-        from .export import export
+        from .export import export, export_run
 
-        print(export(load(args.run_dir), args.format, args.out, check=not args.no_check))
+        if args.format == "run":
+            print(export_run(args.run_dir, args.out, args.data_root))
+        else:
+            print(export(load(args.run_dir), args.format, args.out, check=not args.no_check))
         return 0
     if args.run_dir is None:
         raise ConfigError("evaluate: give a run folder, RUN_DIR (or --out DIR to redo the run's own evaluation)")

@@ -7,6 +7,10 @@
 - ``torchscript``: the whole classifier, traced (with ``model.experts > 1`` the ensemble: mean of
   the experts' logits; it has no torchvision equivalent).
 - ``onnx``: the whole classifier, with a dynamic batch axis (needs ``pip install "dscl[onnx]"``).
+- ``run`` (:func:`export_run`): a slim run folder that ``dscl.load``, ``dscl predict`` and
+  ``dscl evaluate`` read like the run itself: only the weights the classifier needs (the
+  stage-1 encoder without its momentum copy, heads and queue; the kept stage-2 layer), the
+  config, model card and results. The weights published with dscl are such folders.
 
 Every export takes normalised (N, 3, S, S) images and returns (N, C) logits, and is checked in
 a fresh Python process that imports only torch / torchvision (or onnxruntime): its logits on a
@@ -29,13 +33,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine.checkpoint import atomic_write_bytes, write_json
-from .engine.trained import TrainedClassifier
+from .config import load_config
+from .engine.checkpoint import atomic_write_bytes, save_checkpoint, write_json, write_yaml
+from .engine.linear import stage1_backbone_prefix
+from .engine.rundir import RunDir
+from .engine.trained import CARD, TrainedClassifier, load, load_classifier, run_folder, stage1_state
 from .errors import CheckpointError, ConfigError
 from .models import CifarResNet, ExpertClassifier, TorchvisionResNet
 from .models import standalone
 
-FORMATS = ("torchvision", "torchscript", "onnx")
+FORMATS = ("torchvision", "torchscript", "onnx", "run")
 TOLERANCE = 1e-4  # largest |logit difference| accepted between the export and dscl
 CHECK_BATCH = 3  # images in the check batch: not the batch of 2 the export was traced with
 
@@ -143,11 +150,51 @@ def check_in_fresh_process(path: Path, fmt: str, arch: str, images: torch.Tensor
     return diff
 
 
+def export_run(run_dir: str | Path, out: str | Path, data_root: str | None = None) -> str:
+    """Write the slim copy of a finished run folder to the new folder ``out``: config.yaml,
+    model.json, results.json and checkpoints holding only the classifier's weights, their
+    ``config`` the copied one. ``data_root`` replaces ``data.root`` in all of them (where the
+    data lies for the folder's users; ``dscl evaluate --data`` overrides it anyway)."""
+    src, out = run_folder(run_dir), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and is not empty")
+    cfg = load_config(src / "config.yaml")
+    config = cfg.to_dict()
+    old_root = config["data"]["root"]
+    if data_root is not None:
+        config["data"]["root"] = data_root
+    run = RunDir(src, is_main=False)
+    run.config = cfg.to_dict()
+    stage1 = stage1_state(run)
+    load_classifier(cfg, run, state=stage1)  # refuses an unfinished or inconsistent run
+    head = {"format": run.load(run.checkpoint("pretrain"))["format"], "config": config}
+    if cfg.method_spec.stage2:
+        prefix = stage1_backbone_prefix(cfg)
+        stage1 = {k: v for k, v in stage1.items() if k.startswith(prefix)}
+        best = run.load(run.checkpoint("linear_best"))
+        kept = ("stage", "fc", "norm", "best_epoch", "best_val", "complete")
+        save_checkpoint(out / "checkpoints" / "linear_best.pt", {**head, **{k: best[k] for k in kept}})
+    save_checkpoint(out / "checkpoints" / "pretrain.pt",
+                    {**head, "stage": "pretrain", "model": stage1, "complete": True})
+    write_yaml(out / "config.yaml", config)
+    for name in (CARD, "results.json"):
+        if (src / name).is_file():
+            values = json.loads((src / name).read_text(encoding="utf-8"))
+            data = values.get("data")
+            if data_root is not None and isinstance(data, dict) and data.get("root") == old_root:
+                data["root"] = data_root
+            write_json(out / name, values)
+    model = load(out)
+    return (f"wrote {out}: {sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB, "
+            f"{model.card.get('method')} on {len(model.classes)} classes; use it as the run folder: "
+            f"dscl.load(\"{out}\"), dscl predict {out} IMAGES, dscl evaluate {out} --data ROOT")
+
+
 def export(model: TrainedClassifier, fmt: str, out: str | Path, *, check: bool = True) -> str:
     """Write ``model`` to ``out`` in format ``fmt`` (one of :data:`FORMATS`) and ``out``.json
     beside it; returns a message saying how to use the file."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format: one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt not in FORMATS or fmt == "run":
+        raise ConfigError(f"--format: one of {', '.join(FORMATS[:-1])}, got {fmt!r} (run: export_run)")
     out = Path(out)
     classifier = copy.deepcopy(model.classifier).cpu().eval()
     size, num_classes = model.image_size, len(model.classes)

@@ -22,7 +22,7 @@ from .engine.checkpoint import write_json
 from .engine.evaluate import accuracy_report, posthoc_logit_adjustment, predict, predict_logits
 from .engine.runner import load_data
 from .progress import progress as progress_bar
-from .engine.trained import TrainedClassifier, load
+from .engine.trained import WEIGHTS, TrainedClassifier, is_published, load, run_folder
 from .engine.views import split_loader
 from .errors import ConfigError, DataError
 
@@ -149,18 +149,26 @@ def _label_map(model_classes: list[str], data_classes: list[str], where: str) ->
 def _open_run(run_dir: Path, data: str | None, overrides: list[str]):
     """A finished run's config (its data changed by ``data`` / ``overrides``), its classifier
     and the splits of that data: what ``dscl evaluate RUN_DIR`` works on."""
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a dscl run folder (no config.yaml)")
     saved = load_config(run_dir / "config.yaml")
     cfg = load_config(run_dir / "config.yaml", _data_overrides(saved.data.name, data, list(overrides)))
     return cfg, load(run_dir, cfg.device), load_data(cfg)
+
+
+def _results_path(run_dir: Path, results: Path | None, name: str) -> Path:
+    """``results``, else RUN_DIR/evaluations/NAME; published weights stay as shipped: their
+    evaluations go to ./evaluations/<weights name>/NAME."""
+    if results:
+        return Path(results)
+    if is_published(run_dir):
+        return Path("evaluations") / run_dir.resolve().relative_to(WEIGHTS) / name
+    return run_dir / "evaluations" / name
 
 
 def evaluate_run(run_dir: Path, data: str | None = None, overrides: list[str] = (), split: str = "test",
                  results: Path | None = None) -> dict:
     """Top-1 of the run's classifier on ``split`` of the run's data set changed by ``data`` /
     ``overrides``; writes ``results`` (default RUN_DIR/evaluations/<data set>-<split>.json)."""
-    run_dir = Path(run_dir)
+    run_dir = run_folder(run_dir)
     tic = time.perf_counter()
     cfg, model, splits = _open_run(run_dir, data, overrides)
     dataset = getattr(splits, split)
@@ -178,7 +186,7 @@ def evaluate_run(run_dir: Path, data: str | None = None, overrides: list[str] = 
            "medium": report["medium"], "few": report["few"], "per_class": report["per_class"],
            "classes": model.classes, "train_counts": train_counts, "dscl_version": __version__,
            "seconds": round(time.perf_counter() - tic, 2)}
-    path = Path(results) if results else run_dir / "evaluations" / f"{cfg.data.name}-{split}.json"
+    path = _results_path(run_dir, results, f"{cfg.data.name}-{split}.json")
     write_json(path, out)
     print(f"{where}, {split} split ({len(labels)} images, {match}): top-1 {report['overall']:.2f}% -> {path}")
     return out
@@ -189,7 +197,7 @@ def logit_adjust_run(run_dir: Path, overrides: list[str] = (), results: Path | N
     chosen on its validation split, reported on its test split; the priors are the run's training
     counts. Writes ``results`` (default RUN_DIR/evaluations/posthoc-la.json, which ``dscl sweep
     --posthoc-la`` reads for runs whose results.json predates the adjustment)."""
-    run_dir = Path(run_dir)
+    run_dir = run_folder(run_dir)
     cfg, model, splits = _open_run(run_dir, None, overrides)
     if splits.val is None:
         raise DataError(f"{run_dir}: its data set has no validation split to choose tau on (set data.val_per_class)")
@@ -198,7 +206,7 @@ def logit_adjust_run(run_dir: Path, overrides: list[str] = (), results: Path | N
                                                                   model.device), device=model.device, desc=name)
               for name in ("val", "test")}
     out = posthoc_logit_adjustment(logits["val"], logits["test"], train_counts)
-    path = Path(results) if results else run_dir / "evaluations" / "posthoc-la.json"
+    path = _results_path(run_dir, results, "posthoc-la.json")
     write_json(path, out)
     print(f"post-hoc logit adjustment: tau {out['tau']:g} (validation top-1 {out['val_top1']:.2f}%), "
           f"test top-1 {out['overall']:.2f}% -> {path}")

@@ -31,9 +31,14 @@ from .seeding import mix_seed
 from .views import linear_transform, split_loader
 
 
+def stage1_backbone_prefix(cfg: Config) -> str:
+    """Where the query encoder f sits in a stage-1 state dict."""
+    return "encoder." if cfg.method_spec.contrastive else "backbone."
+
+
 def backbone_from_stage1(cfg: Config, state: dict) -> nn.Module:
     """The query encoder f of a stage-1 state dict (MomentumContrast, MultiExpertContrast or the CE Classifier)."""
-    prefix = "encoder." if cfg.method_spec.contrastive else "backbone."
+    prefix = stage1_backbone_prefix(cfg)
     backbone = build_encoder(cfg, zero_init_residual=False)
     backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     return backbone

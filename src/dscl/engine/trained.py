@@ -29,6 +29,9 @@ from .views import normalisation
 
 CARD = "model.json"
 CARD_KEYS = ("method", "backbone", "classes", "image_size", "mean", "std")
+# Weights published with dscl: slim run folders (``dscl export --format run``), named by
+# their path under this folder, e.g. "tinyimagenet-lt-r100/ce"; the table is its README.md.
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 _NATIVE_SIZE = {"synthetic": 32, "cifar10-lt": 32, "cifar100-lt": 32, "imagenet-lt": 224, "places-lt": 224,
                 "inat2018": 224}
 
@@ -201,11 +204,32 @@ class TrainedClassifier:
         return self.classifier(images.to(self.device))  # (N, C) logits
 
 
-def load(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedClassifier:
-    """The classifier of the run in ``run_dir`` with its class names and input normalisation."""
+def published_names() -> list[str]:
+    """Names of the weights published with dscl, e.g. ``tinyimagenet-lt-r100/ce``."""
+    return sorted(str(p.parent.relative_to(WEIGHTS)) for p in WEIGHTS.rglob("config.yaml"))
+
+
+def run_folder(run_dir: str | Path) -> Path:
+    """``run_dir`` when it is a run folder; else the published weights of that name."""
     path = Path(run_dir)
-    if not (path / "config.yaml").is_file():
+    if (path / "config.yaml").is_file():
+        return path
+    if not path.exists() and str(run_dir) in published_names():
+        return WEIGHTS / str(run_dir)
+    if path.exists():
         raise CheckpointError(f"{path}: not a dscl run folder (no config.yaml)")
+    raise CheckpointError(f"{path}: no such run folder, nor the name of published weights "
+                          f"({', '.join(published_names()) or 'none'})")
+
+
+def is_published(path: Path) -> bool:
+    return Path(path).resolve().is_relative_to(WEIGHTS)
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedClassifier:
+    """The classifier of the run in ``run_dir`` (or of the published weights of that name, see
+    :func:`published_names`) with its class names and input normalisation."""
+    path = run_folder(run_dir)
     cfg = load_config(path / "config.yaml")
     run = RunDir(path, is_main=False)
     run.config = cfg.to_dict()

@@ -1,0 +1,141 @@
+"""Weights people can download with the code: ``dscl export --format run`` (a slim run folder)
+and the folders published under ``src/dscl/weights``, loaded by name.
+
+Guards against:
+- a slim copy whose classifier differs from the run's (a wrong key prefix, the momentum encoder
+  kept instead of the query encoder, the last stage-2 epoch instead of the kept one);
+- a published file changed without its table row (sha256), or a row whose accuracy the weights
+  do not give (checked on the real Tiny ImageNet test images where the archive is at hand);
+- evaluating published weights writing into the installed package.
+"""
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import dscl
+from dscl.cli import main
+from dscl.engine.trained import WEIGHTS, published_names
+from dscl.errors import CheckpointError, ConfigError
+from dscl.export import export_run
+
+from conftest import TINY
+
+README = (WEIGHTS / "README.md").read_text()
+TINYIMAGENET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyimagenet32.tar.gz"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny two-stage contrastive run: stage 1 holds a key encoder, heads and a queue."""
+    out = tmp_path_factory.mktemp("weights") / "run"
+    sets = [x for o in TINY + ["method=dscl"] for x in ("--set", o)]
+    assert main(["run", "--out", str(out), *sets]) == 0
+    return out
+
+
+def test_slim_copy_gives_the_runs_classifier_and_accuracy(run_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "slim"
+    message = export_run(run_dir, out, data_root="data/elsewhere")
+    assert str(out) in message and "dscl evaluate" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["linear_best.pt", "pretrain.pt"]
+    stage1 = torch.load(out / "checkpoints" / "pretrain.pt", weights_only=False)
+    full = torch.load(run_dir / "checkpoints" / "pretrain.pt", weights_only=False)
+    assert stage1["model"] and all(k.startswith("encoder.") for k in stage1["model"])
+    assert all(torch.equal(v, full["model"][k]) for k, v in stage1["model"].items())
+    assert len(stage1["model"]) < len(full["model"])  # no key encoder, heads or queue
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["root"] == "data/elsewhere"
+    assert stage1["config"]["data"]["root"] == "data/elsewhere"
+
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(dscl.load(out)(images), dscl.load(run_dir)(images))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--set", "data.root=null", "--results", "eval.json"]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())["overall"]
+    assert evaluated == json.loads((run_dir / "results.json").read_text())["overall"]
+    with pytest.raises(ConfigError, match="not empty"):
+        export_run(run_dir, out)
+
+
+def test_unfinished_run_is_refused(run_dir, tmp_path):
+    partial = tmp_path / "partial"
+    (partial / "checkpoints").mkdir(parents=True)
+    (partial / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    with pytest.raises(CheckpointError, match="pretrain.pt"):
+        export_run(partial, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_name_lists_the_published_ones(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "tinyimagenet-lt-r100/nope", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert "no such run folder" in err and "tinyimagenet-lt-r100/crt" in err
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def row(name: str) -> str:
+    rows = [line for line in README.splitlines() if line.startswith(f"| {name} |")]
+    assert len(rows) == 1, f"{WEIGHTS / 'README.md'}: no single table row for {name}"
+    return rows[0]
+
+
+@pytest.mark.parametrize("name", published_names())
+def test_published_weights_match_their_row(name):
+    folder, line = WEIGHTS / name, row(name)
+    files = sorted((folder / "checkpoints").iterdir())
+    assert {p.name for p in files} <= {"pretrain.pt", "linear_best.pt"}
+    assert all(f"{p.name} {sha256(p)}" in line for p in files)
+    results = json.loads((folder / "results.json").read_text())
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2:6] == [f"{results[k]:.1f}" for k in ("many", "medium", "few")] + [f"{results['overall']:.2f}"]
+    text = "".join(p.read_text() for p in folder.iterdir() if p.is_file())
+    assert not re.search(r"(^|[\s\"'])/(work|tmp|home|root|Users)/", text), f"{name}: a machine path in its files"
+    model = dscl.load(name)
+    assert len(model.classes) == 200 and model.image_size == 32 and model.card["method"] in line
+
+
+def test_the_table_names_every_published_folder():
+    listed = re.findall(r"^\| (\S+/\S+) \|", README, flags=re.M)
+    assert listed == published_names() and listed
+
+
+# Run in a fresh interpreter: test top-1 of published weights on an image folder's test split.
+FRESH = r"""
+import sys, torch, torchvision, dscl
+name, root = sys.argv[1:3]
+model = dscl.load(name)
+data = torchvision.datasets.ImageFolder(root, transform=model.transform)
+assert data.classes == model.classes, "class order"
+correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in torch.utils.data.DataLoader(data, batch_size=500))
+print(100 * correct / len(data))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_test_split(tmp_path_factory):
+    into = tmp_path_factory.mktemp("tinyimagenet")
+    subprocess.run(["tar", "xzf", str(TINYIMAGENET), "-C", str(into), "tinyimagenet32/test"], check=True)
+    return into / "tinyimagenet32" / "test"
+
+
+@pytest.mark.skipif(not TINYIMAGENET.is_file(),
+                    reason="real-data test: no ../shared/data/tinyimagenet32.tar.gz beside the repository "
+                           "(CI has one; see shared/data/README.md)")
+@pytest.mark.parametrize("name", published_names())
+def test_published_weights_reproduce_their_test_accuracy_in_a_fresh_process(name, tiny_test_split):
+    proc = subprocess.run([sys.executable, "-c", FRESH, name, str(tiny_test_split)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    expected = json.loads((WEIGHTS / name / "results.json").read_text())["overall"]
+    assert float(proc.stdout.split()[-1]) == pytest.approx(expected, abs=1e-9)
