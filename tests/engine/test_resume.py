@@ -112,6 +112,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_overrides, 
         best, best_alone = (load_checkpoint(d / "checkpoints" / "linear_best.pt") for d in (out, alone_dir))
         for part in ("fc", "norm"):
             assert_same_tensors(best[part], best_alone[part], f"linear_best.pt {part}")
+    stage = "stage 1" if target == "pretrain_last.pt" else "stage 2"
+    assert f"{stage}: resumed from" in (out / "log.txt").read_text()  # the log says where it went on from
     # metrics.csv holds each completed epoch exactly once
     epochs = [line.split(",")[:2] for line in (out / "metrics.csv").read_text().splitlines()[1:]]
     assert len(epochs) == len(set(map(tuple, epochs)))

@@ -103,6 +103,7 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_step, best, run.metrics = state["epoch"], state["step"], state["best"], state["metrics"]
         start_loss = state["start_loss"]
+        run.log(f"stage 2: resumed from {run.checkpoint('linear_last')} (epoch {start_epoch}, step {start_step})")
     elif lc.standardize:
         train_cache = fit_standardizer(model, cfg, splits, rt)
     if not lc.augment and train_cache is None:

@@ -202,6 +202,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_step = state["epoch"], state["step"]
         run.metrics = state["metrics"]
+        run.log(f"stage 1: resumed from {run.checkpoint('pretrain_last')} (epoch {start_epoch}, step {start_step})")
     run.log(f"stage 1 ({cfg.method}): {len(splits.train)} images, {steps} steps/epoch, effective batch "
             f"{global_batch} = {rt.world_size} x {local_batch}, lr {base_lr:g} (= {p.lr:g} x {global_batch}/256)")
     if cfg.method_spec.contrastive and p.queue_size > len(splits.train):
