@@ -3,6 +3,8 @@
     python benchmarks/gpu_check.py --out OUT [--cifar DIR_OR_TARBALL] [--budget SECONDS] [--smoke]
                                    [--run METHOD[:KEY=VALUE...]] ... [--set KEY=VALUE] ...
 
+Everything goes under OUT/<the GPU's name> (OUT/cpu without one).
+
 1. ``env.json``: the GPU's name (nvidia-smi), torch, CUDA and cuDNN versions.
 2. ``dscl bench`` on the ImageNet recipe (ResNet-50, 224 px, batch 256, K = 65,536, L = 5 patches
    of 64 px): the reference and the optimised DSCL + PBSD step in fp32 and bf16, then the
@@ -10,8 +12,11 @@
    the plain CE step of the same backbone, so ``measured_ratio`` stands beside ``flop_ratio``.
 3. When ``--cifar`` names the cifar10-jpeg folder or archive: the 200 + 40-epoch CIFAR-10-LT
    ratio-100 recipe (configs/...-200e_cifar10-lt-r100.yaml, data resident on the GPU) for every
-   ``--run``, all at once as separate processes on the one GPU, until the budget's deadline;
-   a run still going then is stopped and reported with the epochs it finished.
+   ``--run`` (default: ce, ce-la, scl, dscl, dscl+pbsd), all at once as separate processes on
+   the one GPU, until the budget's deadline; a run still going then is stopped and reported with
+   the epochs it finished. Each run with a validation split also gives the row of its classifier
+   with post-hoc logit adjustment (tau chosen on validation): "ce + posthoc-la" is the strongest
+   baseline of the Tiny-ImageNet-LT table.
 
 Every figure is written under OUT as soon as it exists (bench.jsonl / bench.md, cifar.jsonl /
 cifar.md, runs.tar.gz with the run folders less their checkpoints), so a check stopped at a time
@@ -40,13 +45,14 @@ FIELDS = ("variant", "precision", "channels_last", "compile", "batch_size", "que
           "ce_step_ms", "ce_images_per_s", "flop_ratio", "measured_ratio", "peak_mem_mb")
 RUN_FIELDS = ("run", "status", "epochs_done", "wall_s", "pretrain_s_per_epoch", "many", "medium", "few", "overall",
               "val_top1")
+DEFAULT_RUNS = ("ce", "ce-la", "scl", "dscl", "dscl+pbsd")
 
 
 def bench_cases(smoke: bool) -> list[list[str]]:
     """(--set values, with "--reference" for the reference step) of each bench line, in order."""
-    if smoke:  # the same code paths at tiny sizes
-        recipe = ["model.backbone=resnet50", "data.image_size=64", "pretrain.patch_size=32", "pretrain.batch_size=4",
-                  "pretrain.queue_size=512", "pretrain.num_patches=2"]
+    if smoke:  # the same code paths (a torchvision ResNet) at tiny sizes
+        recipe = ["model.backbone=resnet18", "data.image_size=64", "pretrain.patch_size=32", "pretrain.batch_size=4",
+                  "pretrain.queue_size=64", "pretrain.num_patches=2"]
     else:
         recipe = ["model.backbone=resnet50", "data.image_size=224", "pretrain.patch_size=64",
                   "pretrain.batch_size=256", "pretrain.queue_size=65536", "pretrain.num_patches=5"]
@@ -58,9 +64,9 @@ def bench_cases(smoke: bool) -> list[list[str]]:
     return cases
 
 
-def run_bench(case: list[str], out: Path, steps: int, timeout: float) -> None:
+def run_bench(case: list[str], out: Path, steps: int, warmup: int, timeout: float) -> None:
     sets = [x for c in case if c != "--reference" for x in ("--set", c)]
-    cmd = [sys.executable, "-m", "dscl", "bench", *sets, "--steps", str(steps), "--warmup", "3"]
+    cmd = [sys.executable, "-m", "dscl", "bench", *sets, "--steps", str(steps), "--warmup", str(warmup)]
     if "--reference" in case:
         cmd.append("--reference")
     try:
@@ -89,7 +95,7 @@ def write_table(source: Path, target: Path, fields) -> None:
     target.write_text("\n".join(lines) + "\n")
 
 
-def environment(out: Path) -> None:
+def environment() -> dict:
     import torch
 
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
@@ -97,8 +103,13 @@ def environment(out: Path) -> None:
     env = {"nvidia_smi": smi.stdout.strip() if smi else "no nvidia-smi", "torch": torch.__version__,
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "python": sys.version.split()[0]}
-    (out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
-    print(json.dumps(env), flush=True)
+    return env
+
+
+def device_folder(env: dict) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'; 'cpu' without a GPU."""
+    name = env["gpu"] or "cpu"
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
 def cifar_folder(path: Path, scratch: Path) -> Path:
@@ -120,7 +131,8 @@ def start_runs(specs, root: Path, scratch: Path, common: list[str], smoke: bool)
     sets = [f"data.root={root}", "data.name=imagefolder", "data.pipeline=tensor", "checkpoint_every_steps=0", *common]
     if smoke:
         sets += ["pretrain.epochs=1", "pretrain.warmup_epochs=0", "pretrain.steps_per_epoch=2", "linear.epochs=1",
-                 "linear.steps_per_epoch=2", "pretrain.batch_size=16", "linear.milestones=[]"]
+                 "linear.steps_per_epoch=2", "pretrain.batch_size=16", "linear.milestones=[]",
+                 "data.imbalance_ratio=10", "data.val_per_class=2"]  # a small fake CIFAR-10 tree will do
     runs = {}
     for spec in specs:
         name, own = run_name(spec)
@@ -129,7 +141,7 @@ def start_runs(specs, root: Path, scratch: Path, common: list[str], smoke: bool)
                *[x for s in [*sets, *own] for x in ("--set", s)]]
         log = open(scratch / f"{name}.out", "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "2"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1" if smoke else "2"})
         runs[name] = {"proc": proc, "folder": folder, "tic": time.time(), "wall": None,
                       "command": " ".join(["dscl", *cmd[3:]]).replace(str(root), "CIFAR10_JPEG")
                       .replace(str(folder), f"runs/{name}").replace(str(ROOT) + "/", "")}
@@ -153,7 +165,8 @@ def wait_runs(runs: dict, deadline: float) -> None:
         time.sleep(2)
 
 
-def summarise_run(name: str, r: dict) -> dict:
+def summarise_run(name: str, r: dict) -> list[dict]:
+    """The run's row, and the row of its classifier with post-hoc logit adjustment when recorded."""
     folder = r["folder"]
     row = {"run": name, "wall_s": r["wall"], "command": r["command"],
            "status": "stopped at the deadline" if r.get("stopped") else f"exit {r['proc'].returncode}"}
@@ -166,10 +179,15 @@ def summarise_run(name: str, r: dict) -> dict:
         if seconds:
             row["pretrain_s_per_epoch"] = round(sum(seconds) / len(seconds), 2)
     results = folder / "results.json"
-    if results.exists():
-        res = json.loads(results.read_text())
-        row.update({k: res.get(k) for k in ("overall", "many", "medium", "few", "val_top1", "train_s")})
-    return row
+    if not results.exists():
+        return [row]
+    res = json.loads(results.read_text())
+    row.update({k: res.get(k) for k in ("overall", "many", "medium", "few", "val_top1", "train_s")})
+    adjusted = res.get("posthoc_la")
+    if not adjusted:
+        return [row]
+    return [row, {**row, "run": f"{name} + posthoc-la (tau {adjusted['tau']:g})",
+                  **{k: adjusted[k] for k in ("overall", "many", "medium", "few", "val_top1")}}]
 
 
 def bench_phase(args, deadline: float) -> None:
@@ -182,7 +200,7 @@ def bench_phase(args, deadline: float) -> None:
         if left < 20:
             append_jsonl(args.out / "bench.jsonl", {"error": "skipped: bench budget spent", "command": " ".join(case)})
             continue
-        run_bench(case, args.out, steps=1 if args.smoke else 10, timeout=left)
+        run_bench(case, args.out, steps=1 if args.smoke else 10, warmup=1 if args.smoke else 3, timeout=left)
     print(f"bench done after {time.time() - tic:.0f} s", flush=True)
 
 
@@ -190,12 +208,12 @@ def cifar_phase(args, deadline: float) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         root = cifar_folder(args.cifar, scratch)
-        runs = start_runs(args.runs or ["ce", "dscl+pbsd", "scl", "dscl"], root, scratch, args.set, args.smoke)
+        runs = start_runs(args.runs or DEFAULT_RUNS, root, scratch, args.set, args.smoke)
         wait_runs(runs, deadline)
         for name, r in runs.items():
-            row = summarise_run(name, r)
-            append_jsonl(args.out / "cifar.jsonl", row)
-            print(json.dumps(row), flush=True)
+            for row in summarise_run(name, r):
+                append_jsonl(args.out / "cifar.jsonl", row)
+                print(json.dumps(row), flush=True)
         write_table(args.out / "cifar.jsonl", args.out / "cifar.md", RUN_FIELDS)
         with tarfile.open(args.out / "runs.tar.gz", "w:gz") as tar:
             for name, r in runs.items():
@@ -216,13 +234,16 @@ def main(argv=None) -> int:
                         help="the CIFAR-10-LT runs first, the bench lines in the last --bench-budget seconds")
     parser.add_argument("--bench-cases", help="comma-separated indices of the bench lines to run (default: all)")
     parser.add_argument("--run", action="append", dest="runs", metavar="METHOD[:KEY=VALUE...]",
-                        help="a CIFAR-10-LT run (repeatable); default: ce, dscl+pbsd, scl, dscl")
+                        help=f"a CIFAR-10-LT run (repeatable); default: {', '.join(DEFAULT_RUNS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every CIFAR-10-LT run (repeatable)")
     args = parser.parse_args(argv)
     tic = time.time()
+    env = environment()
+    args.out = args.out / device_folder(env)
     args.out.mkdir(parents=True, exist_ok=True)
-    environment(args.out)
+    (args.out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
+    print(json.dumps(env), flush=True)
     if args.cifar and args.cifar_first:
         cifar_phase(args, deadline=tic + args.budget - args.bench_budget)
     bench_end = args.budget if args.cifar_first or not args.cifar else min(args.bench_budget, args.budget - 60)
