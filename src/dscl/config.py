@@ -131,7 +131,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16"] = "fp32"  # (autocast of the networks; losses stay in float32)
     channels_last: bool = False
-    compile: bool = False  # torch.compile the encoders
+    compile: bool | Literal["step"] = False  # true: torch.compile the encoders; step: the whole stage-1 step
     eval_batch_size: int = 512
     checkpoint_every_steps: int = 0  # 0: once per epoch only
     data: DataConfig = field(default_factory=DataConfig)

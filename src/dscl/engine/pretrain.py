@@ -10,8 +10,10 @@ One loop, the same on one CPU process, one GPU, or N processes under torchrun::
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ from .rundir import RunDir
 from .seeding import mix_seed, seed_everything
 from .evaluate import extract_features, knn_predict
 from .experts import build_expert_stage1_model, per_expert
-from .step import autocast, prepare_model, stop_if_not_finite, to_device, unwrap
+from .step import autocast, check_can_compile, prepare_model, stop_if_not_finite, to_device, unwrap
 from .views import split_loader, stage1_transform
 
 
@@ -147,6 +149,68 @@ def optimise(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Ten
         unwrap(model).queue.enqueue(keys, labels)
 
 
+def compiled_step(net: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
+                  **loss_options) -> Callable:
+    """``compile: step``: ``step(batch) -> (loss, parts)``, the stage-1 step passed whole through
+    ``torch.compile`` (``mode="reduce-overhead"`` on CUDA, to capture it as CUDA graphs; the default
+    mode on a CPU): what the eager loop does from :func:`stage1_losses` (``loss_options``: its
+    keywords) to :func:`optimise`, the momentum update, backward, the optimiser's step and the
+    enqueue included. Build it once per run; one process only.
+
+    Outside it stay the per-step seeding, the learning-rate write into ``optimizer.param_groups``
+    (floats there, as in the eager loop; the call hands them in as tensors, since a new float would
+    make torch.compile recompile), and the views: with ``data.pipeline: tensor`` the batch
+    iterator makes them on the device, a PIL batch is moved there, before the call. The finite-loss
+    check reads the returned loss after the update (the eager loop reads it before it; either way a
+    run stopped by it saves nothing newer). Dynamo breaks the graph at ``zero_grad`` and at
+    ``loss.backward()``; the pieces between are compiled.
+    """
+
+    loss_options = {name: value.to(device) if torch.is_tensor(value) else value for name, value in loss_options.items()}
+
+    def train_step(batch):
+        loss, parts, keys = stage1_losses(net, batch, cfg, device, **loss_options)
+        labels = batch[1]
+        if keys is not None:
+            keys, labels = all_gather_cat(keys), all_gather_cat(labels.to(device))
+        optimise(net, optimizer, loss, keys, labels)
+        return loss.detach(), {name: value.detach() for name, value in parts.items()}
+
+    cuda = device.type == "cuda"
+    compiled = torch.compile(train_step, mode="reduce-overhead") if cuda else torch.compile(train_step)
+    lr_tensors = [torch.zeros((), device=device) for _ in optimizer.param_groups]
+
+    def step(batch):
+        rates = [group["lr"] for group in optimizer.param_groups]
+        for group, rate, tensor in zip(optimizer.param_groups, rates, lr_tensors, strict=True):
+            group["lr"] = tensor.fill_(rate)
+        if cuda:  # a new iteration of the CUDA graphs; their outputs are overwritten by the next, hence the clones
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            loss, parts = compiled(batch_on(device, batch, cfg.uses_pbsd))
+        finally:
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
+        if cuda:
+            loss, parts = loss.clone(), {name: value.clone() for name, value in parts.items()}
+        return loss, parts
+
+    return step
+
+
+def batch_on(device: torch.device, batch, patches: bool):
+    """A stage-1 batch with the tensors the step reads on ``device`` (a compiled step then takes no
+    host tensor, which would keep it out of CUDA graphs); the same values, the same batch on a CPU."""
+    views, labels = batch
+    move = functools.partial(torch.Tensor.to, device=device, non_blocking=True)
+    if torch.is_tensor(views):  # ce: the images alone
+        return move(views), move(labels)
+    query_view, key_view, patch_views, boxes = views
+    if patches:
+        patch_views, boxes = move(patch_views), move(boxes)
+    return (move(query_view), move(key_view), patch_views, boxes), move(labels)
+
+
 class KnnMonitor:
     """Training health: cosine k-NN top-1 of the query encoder's pooled features, validation
     images against the (un-augmented) training set, every ``pretrain.knn_every`` epochs and
@@ -185,6 +249,10 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
             run.metrics = done["metrics"]
             run.write_metrics()
             return done["model"], False
+    check_can_compile(cfg, rt.device)
+    if cfg.compile == "step" and rt.distributed:
+        raise ConfigError(f"compile: step runs in one process only, not in {rt.world_size} (DDP's gradient hooks "
+                          f"and the gathering of keys stay outside a compiled step); use compile: true or false")
     seed_everything(mix_seed(cfg.seed, 0))  # the initial weights depend on the seed alone
     model = prepare_model(build_stage1_model(cfg, splits.num_classes).to(rt.device), cfg)
     global_batch = p.batch_size
@@ -214,6 +282,8 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
     batches = EpochBatches(cfg, splits.train, lambda on_device: stage1_transform(cfg, splits.image_size, on_device),
                            rt, batch=local_batch, seed=cfg.seed)
     run.log(batches.describe())
+    compiled = (compiled_step(net, optimizer, cfg, rt.device, class_weight=class_weight,
+                              num_classes=splits.num_classes, log_pi=log_pi) if cfg.compile == "step" else None)
 
     def save_last(epoch: int, step: int) -> None:
         if rt.is_main:
@@ -234,8 +304,11 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
             lr = warmup_cosine(base_lr, epoch * steps + step, total_steps, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, parts, keys = stage1_losses(net, batch, cfg, rt.device, class_weight=class_weight,
-                                        num_classes=splits.num_classes, log_pi=log_pi)
+            if compiled is None:
+                loss, parts, keys = stage1_losses(net, batch, cfg, rt.device, class_weight=class_weight,
+                                            num_classes=splits.num_classes, log_pi=log_pi)
+            else:  # compile: step: the whole step, optimiser's step and enqueue included
+                loss, parts = compiled(batch)
             # The sum of the losses since the last check is finite iff each of them is. Reading it
             # makes the host wait for the device, so a GPU reads it every CHECK_EVERY steps only
             # (and before a checkpoint): the host queues the next steps meanwhile.
@@ -247,10 +320,11 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
                                    f"the last good checkpoint is {run.checkpoint('pretrain_last')}")
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
                 unchecked, first = None, step + 1
-            labels = batch[1]
-            if keys is not None:  # the queue takes the keys of all ranks
-                keys, labels = all_gather_cat(keys), all_gather_cat(labels.to(rt.device))
-            optimise(net, optimizer, loss, keys, labels)
+            if compiled is None:
+                labels = batch[1]
+                if keys is not None:  # the queue takes the keys of all ranks
+                    keys, labels = all_gather_cat(keys), all_gather_cat(labels.to(rt.device))
+                optimise(net, optimizer, loss, keys, labels)
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
             seen += 1

@@ -3,12 +3,14 @@ channels-last and compiled encoders, the finite-loss check across processes, unw
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config
-from ..errors import NumericalError
+from ..errors import ConfigError, NumericalError
 from .distributed import all_reduce_sum
 
 
@@ -34,11 +36,35 @@ def to_device(images: torch.Tensor, device: torch.device, cfg: Config) -> torch.
     return images
 
 
+def check_can_compile(cfg: Config, device: torch.device) -> None:
+    """Refuse ``compile: true`` / ``step`` at the start of a run, naming the key, where this PyTorch
+    cannot compile on ``device``: no ``torch.compile``, or (inductor's default backend on a CPU) no
+    C++ compiler among those inductor tries (``torch._inductor.config.cpp.cxx``: ``$CXX``, else g++)."""
+    if cfg.compile is False:
+        return
+    if not callable(getattr(torch, "compile", None)):
+        raise ConfigError(f"compile: {cfg.compile!r} needs torch.compile, which PyTorch {torch.__version__} lacks; "
+                          f"set compile: false, or install PyTorch >= 2.0")
+    if device.type == "cpu":
+        try:
+            from torch._inductor import config as inductor
+            names = inductor.cpp.cxx if isinstance(inductor.cpp.cxx, (list, tuple)) else (inductor.cpp.cxx,)
+        except ImportError:
+            names = ("g++",)
+        if not any(name and shutil.which(name) for name in names):
+            raise ConfigError(f"compile: {cfg.compile!r} on a CPU needs a C++ compiler for torch.compile (tried "
+                              f"{', '.join(n for n in names if n)}; none found); install one (e.g. g++, or point "
+                              f"$CXX at it), or set compile: false")
+
+
 def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
-    """Channels-last weights and ``torch.compile`` of the encoders, in place (state-dict keys unchanged)."""
+    """Channels-last weights and ``torch.compile`` of the encoders, in place (state-dict keys unchanged).
+
+    Only ``compile: true`` compiles the encoders here; ``compile: step`` compiles the whole stage-1
+    step instead (:func:`dscl.engine.pretrain.compiled_step`), and leaves stage 2 eager."""
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg.compile:
+    if cfg.compile is True:
         # The method every call goes through is what gets compiled: forward_features (the query
         # view calls it directly, the crops and keys through forward), or expert_maps for a
         # multi-expert backbone. Compiling the module alone left the query view eager beside
