@@ -144,6 +144,7 @@ def _stage_command(args) -> None:
     import yaml
 
     from .config import load_config
+    from .analysis.plots import plot_finished_run
     from .engine import STAGES, run, setup, teardown
 
     stages = {"run": STAGES, "pretrain": ("pretrain",), "linear": ("linear",), "evaluate": ("evaluate",)}[args.command]
@@ -161,7 +162,8 @@ def _stage_command(args) -> None:
         return
     rt = setup(cfg.device)
     try:
-        run(cfg, args.out, rt, stages=stages, resume=resume)
+        if run(cfg, args.out, rt, stages=stages, resume=resume) is not None:
+            plot_finished_run(args.out)
     finally:
         teardown()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .analysis.plots import plot_finished_run
 from .config import load_config
 from .engine import run, setup
 from .engine.checkpoint import write_json
@@ -39,6 +40,7 @@ def demo(out: Path | None = None, methods=None, overrides=()) -> list[dict]:
         print(f"\n=== {method} ===", flush=True)
         t = time.perf_counter()
         results = run(cfg, out / method.replace("+", "-"), rt)
+        plot_finished_run(out / method.replace("+", "-"))
         rows.append({k: results[k] for k in ("method", "many", "medium", "few", "overall", "val_top1")}
                     | {"wall_time_s": time.perf_counter() - t})
     table = format_table(rows)

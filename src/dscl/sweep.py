@@ -146,6 +146,7 @@ def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: lis
 
 def _run_all(todo: list[tuple[Combination, int]], configs: dict, out: Path) -> None:
     """The runs, one after another, in this process; those another process holds are left to it."""
+    from .analysis.plots import plot_finished_run
     from .engine import run, setup, teardown
 
     for n, (combo, seed) in enumerate(todo, 1):
@@ -159,7 +160,8 @@ def _run_all(todo: list[tuple[Combination, int]], configs: dict, out: Path) -> N
             _reuse_stage1(path, cfg.to_dict(), sorted(out.glob(f"*/seed{seed}")))
             rt = setup(cfg.device)
             try:
-                run(cfg, path, rt, resume=(path / "config.yaml").is_file())
+                if run(cfg, path, rt, resume=(path / "config.yaml").is_file()) is not None:
+                    plot_finished_run(path)
             except DSCLError as exc:
                 if isinstance(exc, ConfigError):
                     raise
@@ -366,7 +368,11 @@ def summarise(out: Path, combos: list[Combination], seeds: list[int], select: st
     _write_csv(out / f"{stem}.csv", rows)
     atomic_write_text(out / f"{stem}.md", format_summary(rows, seeds, select) + "\n")
     if curves:
-        plot_per_class(out / f"{'per_class' if layout is None else layout + '_per_class'}.png", curves)
+        from .analysis.figures import save_figure
+        from .analysis.plots import per_class_figure
+
+        save_figure(per_class_figure(curves), out / f"{'per_class' if layout is None else layout + '_per_class'}.png",
+                    dpi=110)
     print("\n" + format_summary(rows, seeds, select), flush=True)
     return rows
 
@@ -462,22 +468,6 @@ def _write_curve(out: Path, key: str, values: list[str], rows: list[dict]) -> No
     ax.set_xlabel(key)
     ax.set_ylabel("test top-1 (%)")
     _finish(fig, ax, out / "curve.png")
-
-
-def plot_per_class(path: Path, curves: list[tuple[str, list[int], list[float]]]) -> None:
-    """Per-class test accuracy against training-set size (log x), one line per combination."""
-    from .analysis.figures import pyplot
-
-    fig, ax = pyplot().subplots(figsize=(7, 4.5))
-    for name, counts, accuracy in curves:
-        order = sorted(range(len(counts)), key=lambda c: counts[c])
-        ax.plot([counts[c] for c in order], [accuracy[c] for c in order], marker="o", markersize=3, label=name)
-    for edge in (20, 100):
-        ax.axvline(edge, color="grey", linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("training images of the class (log scale); dotted: Few | Medium | Many")
-    ax.set_ylabel("test top-1 of the class (%)")
-    _finish(fig, ax, path)
 
 
 def _finish(fig, ax, path: Path) -> None:

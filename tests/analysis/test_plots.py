@@ -3,7 +3,6 @@
 from PIL import Image
 
 from dscl.analysis.plots import plot_finished_run, plot_run, read_metrics
-from dscl.engine.rundir import RunDir
 
 
 def test_a_finished_run_holds_its_plots(scl_run, ce_run):
@@ -25,6 +24,5 @@ def test_metrics_rows_keep_numbers_and_drop_empty_cells(tmp_path):
 def test_a_failure_to_plot_is_logged_and_never_raised(tmp_path):
     # Bug caught: a broken plot (unreadable results, a matplotlib error) failing a finished run.
     (tmp_path / "results.json").write_text("{not json")
-    run_dir = RunDir(tmp_path)
-    plot_finished_run(run_dir)
+    plot_finished_run(tmp_path)
     assert "plots not written (JSONDecodeError" in (tmp_path / "log.txt").read_text()

@@ -26,7 +26,7 @@ def _sets(overrides):
 
 @pytest.fixture
 def no_plots(monkeypatch):
-    monkeypatch.setattr("dscl.engine.runner.plot_finished_run", lambda run_dir: None, raising=False)
+    monkeypatch.setattr("dscl.analysis.plots.plot_finished_run", lambda path: None)
 
 
 def test_no_method_name_is_tested_outside_the_registry():

@@ -21,7 +21,7 @@ ACCURACIES = ("overall", "many", "medium", "few", "val_top1", "per_class", "stag
 def tiny_run(out, *overrides) -> dict:
     sets = [x for o in [*TINY, *overrides] for x in ("--set", o)]
     with pytest.MonkeyPatch.context() as patch:  # the plots take longer than the tiny run
-        patch.setattr("dscl.engine.runner.plot_finished_run", lambda run_dir: None, raising=False)
+        patch.setattr("dscl.analysis.plots.plot_finished_run", lambda path: None)
         assert main(["run", "--out", str(out), *sets]) == 0
     return json.loads((out / "results.json").read_text())
 

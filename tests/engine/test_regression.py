@@ -55,7 +55,7 @@ def _weights(path: Path) -> dict:
 def record(out: Path, overrides: list[str]) -> dict:
     sets = [x for o in [*TINY, *SHORT, *overrides] for x in ("--set", o)]
     with pytest.MonkeyPatch.context() as patch:  # the plots take longer than the tiny run
-        patch.setattr("dscl.engine.runner.plot_finished_run", lambda run_dir: None, raising=False)
+        patch.setattr("dscl.analysis.plots.plot_finished_run", lambda path: None)
         assert main(["run", "--out", str(out), *sets]) == 0
     results = json.loads((out / "results.json").read_text())
     return {"results": {k: results.get(k) for k in KEYS}, "weights": _weights(out)}

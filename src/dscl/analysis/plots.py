@@ -142,11 +142,12 @@ def plot_run(path: str | Path) -> list[Path]:
     return written
 
 
-def plot_finished_run(run_dir) -> None:
-    """The last step of a run (:class:`~dscl.engine.rundir.RunDir`): its plots. A failure to
-    plot is logged and never fails the run."""
-    if not run_dir.is_main:
-        return
+def plot_finished_run(path: str | Path) -> None:
+    """What the commands do after a run finished: per_class.png and curves.png in its folder,
+    named in its log. A failure to plot is logged and never fails the run."""
+    from ..engine.rundir import RunDir
+
+    run_dir = RunDir(path)
     try:
         written = plot_run(run_dir.path)
     except Exception as exc:  # noqa: BLE001 - a plot is never worth a failed run

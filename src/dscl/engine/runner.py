@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..analysis.plots import plot_finished_run
 from ..config import Config
 from ..data import DataSplits, build_splits
 from ..models import ExpertClassifier
@@ -104,7 +103,6 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
     run_dir.write_results(results)
     run_dir.log(f"test top-1 {results['overall']:.2f}% (many {_fmt(results['many'])}, medium "
                 f"{_fmt(results['medium'])}, few {_fmt(results['few'])}) -> {run_dir.path / 'results.json'}")
-    plot_finished_run(run_dir)  # per_class.png, curves.png; a failure to plot is logged, never raised
     return results
 
 
