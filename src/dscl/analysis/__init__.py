@@ -7,7 +7,6 @@ command that reads a run folder:
 - :mod:`.retrieval`: patch-query retrieval with response maps (Fig. 1, 4);
 - :mod:`.cam`: class activation maps of the stage-2 classifier;
 - :mod:`.plots`: per-class accuracy and training curves of a run (written at the end of a run);
-- :mod:`.tensorboard`: scalars for TensorBoard (``logging.tensorboard: true``).
 
 ``dscl report`` (:mod:`dscl.report`) puts several runs side by side on one HTML page.
 """

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..analysis.tensorboard import step_scalars
 from ..config import Config
 from ..data import DataSplits
 from ..errors import ConfigError
@@ -328,7 +327,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
             seen += 1
-            step_scalars(run, epoch * steps + step, {"lr": lr, **parts})  # TensorBoard, if logging.tensorboard
+            run.add_step_scalars(epoch * steps + step, {"lr": lr, **parts})  # TensorBoard, if logging.tensorboard
             if save_due:
                 save_last(epoch, step + 1)
         elapsed = time.perf_counter() - tic

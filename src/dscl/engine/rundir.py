@@ -1,4 +1,8 @@
-"""The output folder of a run: config.yaml, metrics.csv, log.txt, checkpoints/, results.json.
+"""The output folder of a run: config.yaml, metrics.csv, log.txt, checkpoints/, results.json,
+and with ``logging.tensorboard: true`` (the optional extra ``pip install 'dscl[tensorboard]'``)
+TensorBoard scalars in tensorboard/: each numeric metrics.csv column per epoch
+(``pretrain/loss``, ``linear/val_top1``, ...) and stage 1's losses and lr per step
+(``pretrain_step/...``). With the key off nothing of TensorBoard is imported.
 
 Only rank 0 writes. Every file is written whole and atomically, so a crash never leaves a
 half-written file that looks complete; metrics.csv is rewritten from the rows a checkpoint
@@ -14,7 +18,6 @@ from pathlib import Path
 
 import yaml
 
-from ..analysis.tensorboard import epoch_scalars
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import atomic_write_text, config_differences, load_checkpoint, save_checkpoint, write_json, write_yaml
 
@@ -27,6 +30,7 @@ class RunDir:
         self.is_main = is_main
         self.metrics: list[dict] = []
         self.config: dict = {}
+        self._board = None  # the SummaryWriter, opened on first use
 
     def checkpoint(self, name: str) -> Path:
         return self.path / "checkpoints" / f"{name}.pt"
@@ -87,7 +91,35 @@ class RunDir:
             return
         self.write_metrics()
         self.log(" ".join(f"{k}={v}" for k, v in row.items()))
-        epoch_scalars(self, row)  # TensorBoard, when logging.tensorboard is on
+        board = self.tensorboard()
+        if board is not None:
+            stage, epoch = row.get("stage", "run"), int(row.get("epoch", 0))
+            for key, value in row.items():
+                if key not in ("stage", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    board.add_scalar(f"{stage}/{key}", value, epoch)
+            board.flush()
+
+    def add_step_scalars(self, step: int, values: dict) -> None:
+        """Scalars of one stage-1 step (tensors or numbers) as ``pretrain_step/<name>``, when
+        TensorBoard is on."""
+        board = self.tensorboard()
+        if board is not None:
+            for key, value in values.items():
+                board.add_scalar(f"pretrain_step/{key}", float(value.detach() if hasattr(value, "detach") else value),
+                                 step)
+
+    def tensorboard(self):
+        """The run's SummaryWriter on rank 0 with ``logging.tensorboard: true``, else None."""
+        if not (self.is_main and (self.config.get("logging") or {}).get("tensorboard")):
+            return None
+        if self._board is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("logging.tensorboard: true needs the tensorboard package, which is not installed: "
+                                  "pip install 'dscl[tensorboard]' (or set logging.tensorboard: false)") from None
+            self._board = SummaryWriter(log_dir=str(self.path / "tensorboard"))
+        return self._board
 
     def write_metrics(self) -> None:
         """metrics.csv from the rows held (e.g. a reused stage 1's, which no epoch here adds)."""
