@@ -8,8 +8,8 @@ checkpoints, distributed helpers) and the command-line interface ``dscl.cli``.
 """
 
 from .errors import CheckpointError, ConfigError, DataError, DSCLError, NumericalError
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["CheckpointError", "ConfigError", "DSCLError", "DataError", "NumericalError", "__version__", "load"]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .config import load_config
 from .data import DATASET_NAMES, load_rgb
 from .data.images import is_image_file

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import __version__
+from ..version import __version__
 from ..config import Config, load_config
 from ..data import DataSplits, eval_transform
 from ..data.images import is_image_file
