@@ -207,6 +207,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        choices = [c for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+        if choices:  # e.g. bool | Literal["step"]: name every accepted value
+            kinds = [{"bool": "true, false"}.get(a.__name__, f"a {a.__name__}")
+                     for a in args if a in (int, float, str, bool)]
+            raise ConfigError(f"{key}: must be {', '.join(kinds + [str(c) for c in choices[:-1]])} or {choices[-1]}, "
+                              f"got {value!r}")
         raise ConfigError(errors[0])
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

@@ -138,7 +138,7 @@ def test_compile_step_is_a_config_choice():
     assert load_config(None, ["compile=step"]).compile == "step"
     assert load_config(None, ["compile=true"]).compile is True
     assert load_config(None, []).compile is False
-    with pytest.raises(ConfigError, match="compile"):
+    with pytest.raises(ConfigError, match="compile: must be true, false or step, got 'steps'"):
         load_config(None, ["compile=steps"])
 
 
