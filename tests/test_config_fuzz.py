@@ -3,6 +3,7 @@ result is a Config or a ConfigError naming the file or the key, never another ex
 
 import json
 import string
+import types
 import typing
 from pathlib import Path
 
@@ -198,6 +199,8 @@ def of_type(hint):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if type(None) in typing.get_args(hint):
         return st.none() | of_type(args[0])
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. compile: bool | Literal["step"]
+        return st.one_of(*map(of_type, args))
     if typing.get_origin(hint) is typing.Literal:
         return st.sampled_from(typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
