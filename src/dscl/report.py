@@ -20,6 +20,7 @@ import yaml
 
 from .analysis.figures import figure_png
 from .analysis.plots import curves_figure, per_class_figure, read_metrics, read_results
+from .analysis.runs import run_path
 from .config import flatten_config
 from .engine.checkpoint import atomic_write_text
 from .errors import ConfigError
@@ -41,14 +42,10 @@ class RunSummary:
 
 
 def load_summary(path: str | Path) -> RunSummary:
-    """What the page shows of one run folder; a folder without config.yaml is refused."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: no such run folder")
+    """What the page shows of one run folder (or of the published weights of that name); a folder
+    without config.yaml is refused."""
+    path = run_path(path, hint="give --out folders of `dscl run`")
     saved = path / "config.yaml"
-    if not saved.is_file():
-        what = "the folder is empty" if not any(path.iterdir()) else "no config.yaml"
-        raise ConfigError(f"{path} holds no dscl run ({what}); give --out folders of `dscl run`")
     try:
         config = yaml.safe_load(saved.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -20,8 +20,8 @@ def _root_conftest():
 TINY = list(_root_conftest().TINY)
 
 
-def _train(folder: Path, method: str) -> Path:
-    sets = [x for o in TINY + [f"method={method}"] for x in ("--set", o)]
+def _train(folder: Path, method: str, *more: str) -> Path:
+    sets = [x for o in TINY + [f"method={method}", *more] for x in ("--set", o)]
     assert main(["run", "--out", str(folder), *sets]) == 0
     return folder
 
@@ -36,3 +36,9 @@ def scl_run(tmp_path_factory) -> Path:
 def ce_run(tmp_path_factory) -> Path:
     """A finished end-to-end ce run on the same data."""
     return _train(tmp_path_factory.mktemp("runs") / "ce", "ce")
+
+
+@pytest.fixture(scope="package")
+def experts_run(tmp_path_factory) -> Path:
+    """A finished scl run with model.experts=3 (RIDE-style experts) on the same data."""
+    return _train(tmp_path_factory.mktemp("runs") / "experts", "scl", "model.experts=3")

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
 from dscl.analysis import anchor_gradient_ratios
@@ -120,3 +121,15 @@ def test_cli_errors_are_one_clear_line(scl_run, ce_run, tmp_path, capsys, case, 
     assert main(["analyze", "gradients", *args, "--device", "cpu", "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_cli_refuses_an_expert_run_naming_the_key(scl_run, tmp_path, capsys):
+    experts = tmp_path / "experts"
+    experts.mkdir()
+    config = yaml.safe_load((scl_run / "config.yaml").read_text())
+    config["model"]["experts"] = 3
+    (experts / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["analyze", "gradients", str(experts), "--init", "--device", "cpu",
+                 "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "model.experts 3" in err and "model.experts 1 only" in err and "Traceback" not in err

@@ -6,10 +6,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dscl.analysis import FeatureSpace, response_maps, retrieve
+from dscl.analysis.retrieval import ExpertHeads
 from dscl.analysis.runs import check_box
 from dscl.cli import main
 from dscl.errors import ArgumentError
-from dscl.models import MomentumContrast, build_backbone
+from dscl.models import MomentumContrast, MultiExpertContrast, build_backbone, build_multi_expert_backbone
 
 
 def _model(seed=0):
@@ -62,18 +63,34 @@ def test_response_maps_are_cell_wise_cosine_similarities():
     assert float(maps[1, 5, 2]) == pytest.approx(float(cell @ patch), abs=1e-5)
 
 
+def test_an_expert_runs_similarity_is_the_mean_of_its_experts():
+    # Bug caught: the experts' features compared side by side through one expert's head, or
+    # without normalising each expert's projection, so one expert would dominate the ranking.
+    torch.manual_seed(3)
+    model = MultiExpertContrast(build_multi_expert_backbone("resnet32", 3), feature_dim=16, queue_size=8).eval()
+    space = FeatureSpace(model.encoder, ExpertHeads(model.heads))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        u = space.feature_map(images)
+        mine = space.image(u)
+        own = [F.normalize(g(m.mean((2, 3))), dim=1) for g, m in zip(model.heads, model.encoder.expert_maps(images))]
+    expected = sum(float(e[0] @ e[1]) for e in own) / 3
+    assert float(mine[0] @ mine[1]) == pytest.approx(expected, abs=1e-5)
+    assert torch.linalg.vector_norm(mine, dim=1).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
 @pytest.mark.parametrize("box", [(-1, 0, 10, 10), (0, 0, 33, 10), (5, 5, 5, 9), (10, 0, 4, 8)])
 def test_a_box_outside_the_image_is_refused(box):
     with pytest.raises(ArgumentError, match="inside the 32x32"):
         check_box(box, 32)
 
 
-def test_cli_draws_one_row_per_run(scl_run, ce_run, tmp_path):
+def test_cli_draws_one_row_per_run(scl_run, ce_run, experts_run, tmp_path):
     out = tmp_path / "retrieval.png"
-    assert main(["analyze", "retrieval", str(scl_run), str(ce_run), "--index", "3", "--box", "2,2,18,20",
-                 "--k", "2", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["analyze", "retrieval", str(scl_run), str(ce_run), str(experts_run), "--index", "3",
+                 "--box", "2,2,18,20", "--k", "2", "--device", "cpu", "--out", str(out)]) == 0
     image = Image.open(out)
-    assert image.format == "PNG" and image.height > 250  # two rows
+    assert image.format == "PNG" and image.height > 500  # three rows of 1.75 in at 110 dpi
 
 
 def test_cli_takes_an_image_file_and_a_random_box(scl_run, tmp_path):

@@ -18,24 +18,39 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..models import Classifier
+from ..models import Classifier, ExpertClassifier
 from .figures import pyplot, save_figure, short, show_image, upsample
 
 
 @torch.no_grad()
-def class_activation_maps(model: Classifier, images: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+def class_activation_maps(model: Classifier | ExpertClassifier, images: Tensor,
+                          classes: Tensor) -> tuple[Tensor, Tensor]:
     """Maps of class ``classes[n]`` on image ``n``: (N, h, w); and the logits (N, C).
 
-    images: (N, 3, S, S) normalised as for evaluation; classes: (N,) int.
+    images: (N, 3, S, S) normalised as for evaluation; classes: (N,) int. With experts the map is
+    the mean of the experts' maps, as the prediction is the mean of their logits.
     """
     model.eval()
-    u = model.backbone.forward_features(images).float()  # (N, d, h, w)
-    weight = model.fc.weight / model.norm.std  # (C, d): W_cd / sigma_d
-    bias = model.fc.bias - weight @ model.norm.mean  # (C,)
+    u = model.backbone.forward_features(images).float()  # (N, d, h, w); experts: their maps side by side
+    weight, bias = _linear_of(model)
     w = weight[classes]  # (N, d)
     maps = torch.einsum("nd,ndhw->nhw", w, u) + bias[classes][:, None, None]
     logits = model.head(u.mean((2, 3)))
     return maps, logits
+
+
+def _linear_of(model: Classifier | ExpertClassifier) -> tuple[Tensor, Tensor]:
+    """The classifier as one linear map of the pooled features v: logits = weight @ v + bias."""
+    if isinstance(model, ExpertClassifier):  # the mean over experts e of W_e (v_e - mu_e) / sigma_e + b_e
+        parts = [_linear_of_layer(fc, norm) for fc, norm in zip(model.fc.linears, model.norm.experts)]
+        return (torch.cat([w for w, _ in parts], 1) / len(parts),
+                torch.stack([b for _, b in parts]).mean(0))
+    return _linear_of_layer(model.fc, model.norm)
+
+
+def _linear_of_layer(fc, norm) -> tuple[Tensor, Tensor]:
+    weight = fc.weight / norm.std  # (C, d): W_cd / sigma_d
+    return weight, fc.bias - weight @ norm.mean
 
 
 @dataclass
@@ -76,24 +91,28 @@ def analyze_cam(run: str | Path, out: str | Path, *, images: list[str | Path] = 
     """CAMs of the run's classifier: on the given image files (map of the predicted class), or
     on the first ``per_class`` images of each class (or of ``classes``) of ``split``, map of
     the ``true`` or the ``predicted`` class. Writes ``out`` (PNG)."""
+    from ..engine.trained import load, load_classifier
     from ..errors import ArgumentError
-    from .runs import classifier, device_of, image_from_file, image_from_split, load_data, open_run
+    from .runs import device_of, image_from_file, image_from_split, load_data, open_run
 
     if target not in ("true", "predicted"):
         raise ArgumentError(f"--target {target}: must be true or predicted")
     if per_class < 1:
         raise ArgumentError(f"--per-class {per_class}: must be >= 1")
-    path, cfg = open_run(run, data_root)
+    run, cfg = open_run(run, data_root)
     dev = device_of(device)
-    splits = load_data(cfg)
-    model = classifier(path, cfg, splits.num_classes).to(dev)
-    if images:
-        viewed = [image_from_file(f, splits.image_size) for f in images]
+    if images:  # class names and input size from model.json: image files need no data
+        trained = load(run.path, dev)
+        model, names, size = trained.classifier, trained.classes, trained.image_size
+        viewed = [image_from_file(f, size) for f in images]
     else:
+        splits = load_data(cfg)
+        model = load_classifier(cfg, run, splits.num_classes)[0].to(dev).eval()
+        names, size = splits.classes, splits.image_size
         dataset = {"train": splits.train, "val": splits.val, "test": splits.test}.get(split)
         if dataset is None:
             raise ArgumentError(f"--split {split}: this run's data has no {split} split")
-        wanted = list(range(splits.num_classes)) if not classes else [_class_index(c, splits.classes) for c in classes]
+        wanted = list(range(len(names))) if not classes else [_class_index(c, names) for c in classes]
         viewed = [image_from_split(splits, split, i) for i in first_per_class(dataset.targets, wanted, per_class)]
     batch = torch.stack([v.input for v in viewed]).to(dev)
     with torch.no_grad():
@@ -103,8 +122,8 @@ def analyze_cam(run: str | Path, out: str | Path, *, images: list[str | Path] = 
     maps, _ = class_activation_maps(model, batch, shown)
     items = []
     for v, m, p in zip(viewed, maps.cpu(), predicted.tolist()):
-        truth = short(splits.classes[v.label]) if v.label is not None else short(v.name)
-        items.append(CamItem(v.pixels, upsample(m, splits.image_size), f"{truth} \u2192 {short(splits.classes[p])}"))
+        truth = short(names[v.label]) if v.label is not None else short(v.name)
+        items.append(CamItem(v.pixels, upsample(m, size), f"{truth} \u2192 {short(names[p])}"))
     plot_cams(out, items, f"CAM of the {'true' if use_true else 'predicted'} class (title: true \u2192 predicted), "
                           f"{cfg.method}")
     return items

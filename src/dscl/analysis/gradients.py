@@ -186,9 +186,11 @@ def analyze_gradients(run: str | Path, out: str | Path, *, checkpoint: str | Pat
     from ..engine.loaders import EpochBatches, shuffled_order, steps_per_epoch
     from ..engine.views import stage1_transform
     from ..errors import ArgumentError
-    from .runs import _as_contrastive, device_of, load_data, open_run, stage1_model
+    from .runs import as_contrastive, device_of, load_data, open_run, single_expert, stage1_model
 
-    path, cfg = open_run(run, data_root)
+    opened, cfg = open_run(run, data_root)
+    single_expert(opened, cfg, "the ratio is measured through one projection head and one queue, and each expert "
+                               "has its own")
     if batches < 1:
         raise ArgumentError(f"--batches {batches}: must be >= 1")
     alpha = alpha if alpha is not None else (cfg.alpha if cfg.alpha is not None else 0.1)
@@ -196,8 +198,8 @@ def analyze_gradients(run: str | Path, out: str | Path, *, checkpoint: str | Pat
         raise ArgumentError(f"--alpha {alpha}: must lie in [0, 1)")
     dev = device_of(device)
     splits = load_data(cfg)
-    model = stage1_model(path, cfg, splits.num_classes, checkpoint, initial=initial).to(dev)
-    views_cfg = _as_contrastive(cfg)  # plain two-view batches: the ratio needs no patches
+    model = stage1_model(opened, cfg, splits.num_classes, checkpoint, initial=initial).to(dev)
+    views_cfg = as_contrastive(cfg)  # plain two-view batches: the ratio needs no patches
     rt = Runtime(0, 1, dev)
     batch = cfg.pretrain.batch_size
     stream = EpochBatches(views_cfg, splits.train,

@@ -5,7 +5,8 @@ teacher (Eq. 11): ROI-align to 2 x 2 at ``1 / stride``, averaged, projected by t
 and normalised. Gallery images are ranked by the cosine similarity of that patch feature with
 their own ``normalize(g(v))``, the space in which PBSD compares a patch with the queue's keys.
 The response map on a retrieved image is the same similarity at each cell of its ``u``.
-A run without a projection head (``ce``) uses the backbone's features on both sides.
+A run without a projection head (``ce``, ``crt``) uses the backbone's features on both sides; a run
+with ``model.experts > 1`` each expert's head on its own feature map, the similarities averaged.
 """
 
 from __future__ import annotations
@@ -125,14 +126,30 @@ def random_box(size: int, scale: tuple[float, float], seed: int = 0) -> tuple[fl
     return tuple(float(v) for v in ViewPatchTransform(size, 1, num_patches=1, patch_scale=scale).sample_box())
 
 
-def _space_of(path: Path, cfg, num_classes: int) -> FeatureSpace:
-    from .runs import classifier, run_checkpoint, stage1_model
+class ExpertHeads(nn.Module):
+    """The heads of a multi-expert stage 1 as one: (N, E*c) features -> each expert's normalised
+    projection of its slice, side by side and scaled by 1/sqrt(E), so that a cosine similarity is
+    the mean of the experts' own (each in the space its PBSD term compares in)."""
+
+    def __init__(self, heads: nn.ModuleList):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = x.chunk(len(self.heads), 1)
+        return torch.cat([F.normalize(g(v), dim=1) for g, v in zip(self.heads, parts)], 1) / len(self.heads) ** 0.5
+
+
+def _space_of(run, cfg, num_classes: int) -> FeatureSpace:
+    from ..engine.trained import load_classifier
+    from ..models import MultiExpertContrast
+    from .runs import stage1_model
 
     if not cfg.method_spec.contrastive:  # no projection head: the classifier's backbone
-        run_checkpoint(path, cfg, "pretrain")
-        return FeatureSpace(classifier(path, cfg, num_classes).backbone)
-    model = stage1_model(path, cfg, num_classes)
-    return FeatureSpace(model.encoder, model.head)
+        return FeatureSpace(load_classifier(cfg, run, num_classes)[0].backbone)
+    model = stage1_model(run, cfg, num_classes)
+    return FeatureSpace(model.encoder, ExpertHeads(model.heads) if isinstance(model, MultiExpertContrast)
+                        else model.head)
 
 
 def analyze_retrieval(runs: list[str | Path], out: str | Path, *, image: str | Path | None = None,
@@ -153,13 +170,13 @@ def analyze_retrieval(runs: list[str | Path], out: str | Path, *, image: str | P
     dev = device_of(device)
     rows, query, chosen = [], None, box
     for run in runs:
-        path, cfg = open_run(run, data_root)
+        opened, cfg = open_run(run, data_root)
         splits = load_data(cfg)
         size = splits.image_size
         if query is None:
             query = image_from_file(image, size) if image is not None else image_from_split(splits, split, index)
             chosen = check_box(box, size) if box is not None else random_box(size, cfg.pretrain.patch_scale, seed)
-        space = _space_of(path, cfg, splits.num_classes).to(dev)
+        space = _space_of(opened, cfg, splits.num_classes).to(dev)
         gallery, labels = gallery_features(space, split_loader(cfg, splits.train, size, dev), dev)
         exclude = index if image is None and split == "train" else None
         top, sims, patch = retrieve(space, query.input.to(dev), chosen, gallery, k, exclude)

@@ -1,5 +1,7 @@
-"""A run folder as the analyses read it: its config, its data, its networks, its images.
+"""A run folder as the analyses read it: its config, its data, its stage-1 networks, its images.
 
+The run folder, its config and its classifier come from :mod:`dscl.engine.trained` (which also
+knows the names of the published weights); this module adds what only the analyses need.
 Every failure a user can cause (a folder that holds no run, a missing checkpoint, one written
 by another run, an image that cannot be read, a box outside the image) raises a
 :class:`~dscl.errors.DSCLError` subclass naming the path or the argument.
@@ -12,30 +14,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..config import Config, load_config
+from ..config import Config
 from ..data import DataSplits, eval_transform, load_rgb
-from ..engine.checkpoint import config_differences, load_checkpoint
 from ..engine.distributed import resolve_device
+from ..engine.rundir import RunDir
+from ..engine.trained import load_weights, read_run, run_folder, stage1_state
 from ..engine.views import normalisation
-from ..errors import ArgumentError, CheckpointError, ConfigError
-from ..models import Classifier, MomentumContrast
+from ..errors import ArgumentError, ConfigError
+from ..models import MomentumContrast, MultiExpertContrast
 
 
-def open_run(path: str | Path, data_root: str | Path | None = None) -> tuple[Path, Config]:
-    """The folder and the config it was trained with; ``data_root`` replaces ``data.root``
-    (for a run folder copied from the machine that trained it)."""
+def run_path(path: str | Path, hint: str = "give the --out folder of `dscl run`") -> Path:
+    """The run folder ``path``, or the published weights of that name (:func:`dscl.engine.trained.run_folder`);
+    a folder that holds no run is refused with what it holds instead and ``hint``."""
     path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: no such run folder")
-    if not (path / "config.yaml").is_file():
+    if path.is_dir() and not (path / "config.yaml").is_file():
         what = "the folder is empty" if not any(path.iterdir()) else "no config.yaml"
-        raise ConfigError(f"{path} holds no dscl run ({what}); give the --out folder of `dscl run`")
-    cfg = load_config(path / "config.yaml")
+        raise ConfigError(f"{path} holds no dscl run ({what}); {hint}")
+    return run_folder(path)
+
+
+def open_run(path: str | Path, data_root: str | Path | None = None) -> tuple[RunDir, Config]:
+    """The run (see :func:`run_path`) and the config it was trained with; ``data_root`` replaces
+    ``data.root`` of the config returned (for a run folder copied from the machine that trained
+    it), while the checkpoints are still checked against the config they were trained with."""
+    run, cfg = read_run(run_path(path))
     if data_root is not None:
         cfg.data.root = str(data_root)
-    return path, cfg
+    return run, cfg
 
 
 def device_of(name: str = "auto") -> torch.device:
@@ -46,57 +54,32 @@ def device_of(name: str = "auto") -> torch.device:
         raise ConfigError(f"--device {name}: {exc}") from None
 
 
-def run_checkpoint(path: Path, cfg: Config, name: str, checkpoint: str | Path | None = None) -> dict:
-    """A checkpoint of the run in ``path`` (``checkpoints/<name>.pt`` unless ``checkpoint`` is
-    given), refused when it was written by a run of another configuration."""
-    file = Path(checkpoint) if checkpoint is not None else path / "checkpoints" / f"{name}.pt"
-    if not file.is_file():
-        hint = {"pretrain": "stage 1 has not finished there", "linear_best": "stage 2 has not finished there"}
-        raise CheckpointError(f"{file}: no such checkpoint" + (f" ({hint[name]})" if name in hint and
-                                                               checkpoint is None else ""))
-    state = load_checkpoint(file)
-    diffs = config_differences(state.get("config", {}), cfg.to_dict())
-    if diffs:
-        raise CheckpointError(f"{file} belongs to a different run than {path}:\n  " + "\n  ".join(diffs))
-    return state
+def single_expert(run: RunDir, cfg: Config, why: str) -> None:
+    """Refuse a run with ``model.experts > 1`` for an analysis that needs one network; ``why`` says what it needs."""
+    if cfg.model.experts > 1:
+        raise ConfigError(f"{run.path}: a run with model.experts {cfg.model.experts}; {why}, so this analysis reads "
+                          f"runs with model.experts 1 only")
 
 
-def _load_state(model: nn.Module, state: dict, file: str) -> None:
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"{file}: its weights do not fit this run's model: {str(exc)[:300]}") from None
-
-
-def _one_backbone(path: Path, cfg: Config) -> None:
-    experts = getattr(cfg.model, "experts", 1)
-    if experts > 1:
-        raise ConfigError(f"{path}: a run with model.experts {experts}; the analyses read single-backbone runs only")
-
-
-def stage1_model(path: Path, cfg: Config, num_classes: int, checkpoint: str | Path | None = None, *,
-                 initial: bool = False) -> MomentumContrast:
-    """The stage-1 model (encoders, head, queue) of a contrastive run, in eval mode on the CPU;
-    ``initial``: the weights the run started from (seeded as training seeds them)."""
+def stage1_model(run: RunDir, cfg: Config, num_classes: int, checkpoint: str | Path | None = None, *,
+                 initial: bool = False) -> MomentumContrast | MultiExpertContrast:
+    """The stage-1 model (encoders, heads, queues) of a contrastive run, in eval mode on the CPU:
+    its finished stage 1, or ``checkpoint`` (a stage-1 checkpoint of the run); ``initial``: the
+    weights the run started from (seeded as training seeds them)."""
     from ..engine.pretrain import build_stage1_model
     from ..engine.seeding import mix_seed, seed_everything
 
-    _one_backbone(path, cfg)
-    as_contrast = cfg if cfg.method_spec.contrastive else _as_contrastive(cfg)
+    if not initial and not cfg.method_spec.contrastive:
+        raise ConfigError(f"{run.path} is a {cfg.method} run: it has no contrastive stage 1 (no projection head, "
+                          f"no queue); use a scl / dscl run, or the initial weights")
     seed_everything(mix_seed(cfg.seed, 0))
-    model = build_stage1_model(as_contrast, num_classes)
+    model = build_stage1_model(cfg if cfg.method_spec.contrastive else as_contrastive(cfg), num_classes)
     if not initial:
-        if not cfg.method_spec.contrastive:
-            raise ConfigError(f"{path} is a {cfg.method} run: it has no contrastive stage 1 (no projection head, "
-                              f"no queue); use a scl / dscl run, or the initial weights")
-        state = run_checkpoint(path, cfg, "pretrain", checkpoint)
-        if "model" not in state:
-            raise CheckpointError(f"{checkpoint or path / 'checkpoints/pretrain.pt'}: holds no stage-1 model")
-        _load_state(model, state["model"], str(checkpoint or path / "checkpoints/pretrain.pt"))
+        load_weights(model, stage1_state(run, checkpoint), Path(checkpoint or run.checkpoint("pretrain")))
     return model.eval()
 
 
-def _as_contrastive(cfg: Config) -> Config:
+def as_contrastive(cfg: Config) -> Config:
     """The run's config as a plain two-view SCL run: same networks, queue and data, no patches."""
     from ..config import config_from_dict
 
@@ -105,27 +88,6 @@ def _as_contrastive(cfg: Config) -> Config:
     for key in ("pbsd_teacher", "patch_mode"):  # patch-term variants, which plain SCL refuses
         values.get("pretrain", {}).pop(key, None)
     return config_from_dict(values)
-
-
-def classifier(path: Path, cfg: Config, num_classes: int) -> Classifier:
-    """The classifier the run was evaluated with: the end-to-end network of a ce run, else the
-    stage-1 query encoder with the kept stage-2 linear layer. Eval mode, CPU."""
-    from ..engine.linear import backbone_from_stage1
-    from ..engine.pretrain import build_stage1_model
-
-    _one_backbone(path, cfg)
-    stage1 = run_checkpoint(path, cfg, "pretrain")["model"]
-    if not cfg.method_spec.stage2:
-        model = build_stage1_model(cfg, num_classes)
-        _load_state(model, stage1, str(path / "checkpoints/pretrain.pt"))
-        return model.eval()
-    best = run_checkpoint(path, cfg, "linear_best")
-    if not best.get("complete") or "fc" not in best:
-        raise CheckpointError(f"{path / 'checkpoints/linear_best.pt'}: stage 2 did not finish")
-    model = Classifier(backbone_from_stage1(cfg, stage1), num_classes)
-    _load_state(model.fc, best["fc"], str(path / "checkpoints/linear_best.pt"))
-    _load_state(model.norm, best["norm"], str(path / "checkpoints/linear_best.pt"))
-    return model.eval()
 
 
 def load_data(cfg: Config) -> DataSplits:

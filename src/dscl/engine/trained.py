@@ -36,12 +36,13 @@ _NATIVE_SIZE = {"synthetic": 32, "cifar10-lt": 32, "cifar100-lt": 32, "imagenet-
                 "inat2018": 224}
 
 
-def stage1_state(run: RunDir) -> dict:
-    """The model state dict of the finished stage 1, ``checkpoints/pretrain.pt``."""
-    path = run.checkpoint("pretrain")
-    if not path.is_file():
+def stage1_state(run: RunDir, checkpoint: str | Path | None = None) -> dict:
+    """The model state dict of the finished stage 1, ``checkpoints/pretrain.pt``; ``checkpoint``:
+    another stage-1 checkpoint of the run (``checkpoints/pretrain_last.pt``, a copy), checked alike."""
+    path = run.checkpoint("pretrain") if checkpoint is None else Path(checkpoint)
+    if checkpoint is None and not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; stage 1 did not finish (run `dscl pretrain` first)")
-    state = run.load(path)
+    state = run.load(path)  # refuses a missing file, a file not written by dscl, or one of another run
     if state.get("stage") != "pretrain" or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not a finished stage-1 checkpoint (stage {state.get('stage')!r})")
     return state["model"]
@@ -96,6 +97,11 @@ def _load_into(module: nn.Module, state: dict, path: Path) -> None:
         module.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: does not fit this run's model: {exc}") from None
+
+
+def load_weights(module: nn.Module, state: dict, path: Path) -> None:
+    """``module.load_state_dict(state)``; weights that do not fit raise a CheckpointError naming ``path``."""
+    _load_into(module, state, path)
 
 
 def preprocessing(size: int) -> str:
@@ -226,13 +232,21 @@ def is_published(path: Path) -> bool:
     return Path(path).resolve().is_relative_to(WEIGHTS)
 
 
-def load(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedClassifier:
-    """The classifier of the run in ``run_dir`` (or of the published weights of that name, see
-    :func:`published_names`) with its class names and input normalisation."""
+def read_run(run_dir: str | Path) -> tuple[RunDir, Config]:
+    """The run folder ``run_dir`` (or the published weights of that name) opened for reading, and
+    the config it was trained with; every checkpoint the RunDir loads is checked against that config."""
     path = run_folder(run_dir)
     cfg = load_config(path / "config.yaml")
     run = RunDir(path, is_main=False)
     run.config = cfg.to_dict()
+    return run, cfg
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedClassifier:
+    """The classifier of the run in ``run_dir`` (or of the published weights of that name, see
+    :func:`published_names`) with its class names and input normalisation."""
+    run, cfg = read_run(run_dir)
+    path = run.path
     card = read_model_card(path, cfg)
     classes = card.get("classes")
     classifier, _ = load_classifier(cfg, run, len(classes) if classes else None)
