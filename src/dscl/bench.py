@@ -23,8 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import load_config
 from .engine.distributed import resolve_device
-from .engine.experts import build_encoder
-from .engine.pretrain import build_stage1_model, optimise, prepare_model, stage1_losses
+from .engine.pretrain import build_encoder, build_stage1_model, optimise, prepare_model, stage1_losses
 from .engine.views import patch_size
 from .losses import dense
 from .models import MultiExpertContrast, build_classifier

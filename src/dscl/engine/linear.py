@@ -23,8 +23,9 @@ from ..progress import progress
 from ..models import Classifier, ExpertClassifier, build_classifier
 from .distributed import Runtime, all_reduce_sum
 from .evaluate import accuracy_report, extract_features
-from .experts import build_encoder, classifier_loss
+from .experts import classifier_loss
 from .loaders import EpochBatches, steps_per_epoch
+from .pretrain import build_encoder
 from .step import autocast, prepare_model, stop_if_not_finite, to_device
 from .rundir import RunDir
 from .seeding import mix_seed

@@ -5,7 +5,7 @@ One loop, the same on one CPU process, one GPU, or N processes under torchrun::
     for each batch (g1, g2, patches, boxes, y):
         z, k, c, s = model(g1, g2, patches, boxes)          # momentum update + keys inside
         loss = L_dscl(z, k, y, queue) + lambda * L_pbsd(c, s, k, queue)
-        step the optimiser; enqueue the keys of all ranks
+        step the optimiser; model.enqueue(the keys of all ranks, their labels)
 """
 
 from __future__ import annotations
@@ -26,32 +26,40 @@ from ..errors import ConfigError
 from ..losses import (decoupled_supcon_loss, distillation_signals, effective_number_weights, key_probability, log_prior,
                       logit_adjusted_loss, patch_distillation_loss)
 from ..progress import progress
-from ..models import Classifier, MomentumContrast, build_backbone
+from ..models import (Classifier, ContrastOutput, LabelledQueue, MomentumContrast, MultiExpertContrast, build_backbone,
+                      build_multi_expert_backbone)
 from .distributed import Runtime, all_gather_cat, all_reduce_sum
 from .loaders import EpochBatches, shuffled_order, steps_per_epoch
 from .rundir import RunDir
 from .seeding import mix_seed, seed_everything
 from .evaluate import extract_features, knn_predict
-from .experts import build_expert_stage1_model, per_expert
+from .experts import mean_over_experts
 from .step import autocast, check_can_compile, prepare_model, stop_if_not_finite, to_device, unwrap
 from .views import split_loader, stage1_transform
 
 
+def build_encoder(cfg: Config, *, pretrained: str | None = None, zero_init_residual: bool = True) -> nn.Module:
+    """The backbone of ``model.backbone``, multi-expert when ``model.experts > 1``."""
+    if cfg.model.experts == 1:
+        return build_backbone(cfg.model.backbone, pretrained=pretrained, zero_init_residual=zero_init_residual)
+    return build_multi_expert_backbone(cfg.model.backbone, cfg.model.experts, width=cfg.model.expert_width,
+                                       pretrained=pretrained, zero_init_residual=zero_init_residual)
+
+
 def build_stage1_model(cfg: Config, num_classes: int) -> nn.Module:
-    if cfg.model.experts > 1:  # RIDE-style experts; experts: 1 is the model below, unchanged
-        return build_expert_stage1_model(cfg, num_classes)
-    backbone = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained,
-                              zero_init_residual=cfg.model.pretrained is None)
+    """The stage-1 model: the CE classifier, or the momentum-contrast model (its multi-expert kind
+    with ``model.experts > 1``; ``experts: 1`` is the plain model, unchanged)."""
+    backbone = build_encoder(cfg, pretrained=cfg.model.pretrained, zero_init_residual=cfg.model.pretrained is None)
     if cfg.model.train_last_stage_only:
         backbone.freeze_early_stages()
     if not cfg.method_spec.contrastive:
         return Classifier(backbone, num_classes)
     p = cfg.pretrain
-    return MomentumContrast(backbone, feature_dim=cfg.model.feature_dim, queue_size=p.queue_size,
-                            momentum=p.ema_momentum, key_bn_groups=p.key_bn_groups,
-                            patch_bn_stats=p.patch_bn_stats,
-                            num_classes=num_classes if p.queue_sampling == "balanced" else None,
-                            teacher=None if p.patch_mode == "multicrop" else p.pbsd_teacher)
+    model = MultiExpertContrast if cfg.model.experts > 1 else MomentumContrast
+    return model(backbone, feature_dim=cfg.model.feature_dim, queue_size=p.queue_size, momentum=p.ema_momentum,
+                 key_bn_groups=p.key_bn_groups, patch_bn_stats=p.patch_bn_stats,
+                 num_classes=num_classes if p.queue_sampling == "balanced" else None,
+                 teacher=None if p.patch_mode == "multicrop" else p.pbsd_teacher)
 
 
 def anchor_weights(cfg: Config, train_counts) -> torch.Tensor | None:
@@ -74,7 +82,6 @@ def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
-@per_expert  # a multi-expert model: this loss for each expert, then their mean (engine/experts.py)
 def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
                   supcon=decoupled_supcon_loss, pbsd=patch_distillation_loss,
                   class_weight: torch.Tensor | None = None, num_classes: int | None = None,
@@ -85,9 +92,8 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
     ``num_classes``: given, the losses never wait for the device to find it; ``log_pi``:
     (C,) log class priors of a logit-adjusted loss, see :func:`loss_priors`).
 
-    ``pretrain.patch_mode: multicrop`` replaces the distillation term by the contrastive loss of
-    each crop index j, the crops ``s[:, j]`` standing as anchors whose own key is their image's
-    ``k_i``: ``loss = L(z) + lambda * mean_j L(s_j)``.
+    A multi-expert model returns one output per expert: each goes through :func:`contrastive_losses`
+    with that expert's queue, and the batch's loss is their mean (:func:`dscl.engine.experts.mean_over_experts`).
 
     With ``precision: bf16`` the networks run under autocast; the losses always run in float32
     on float32 features (logits over a large queue at tau = 0.07 need the mantissa).
@@ -106,9 +112,24 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
         out = model(to_device(query_view, device, cfg), to_device(key_view, device, cfg),
                     to_device(patches, device, cfg) if use_patches else None,
                     boxes.to(device) if use_patches else None)
-    queue = unwrap(model).queue
+    queue, weight = unwrap(model).queue, None if class_weight is None else class_weight.to(device)[labels]
+    losses = functools.partial(contrastive_losses, labels=labels, cfg=cfg, supcon=supcon, pbsd=pbsd, weight=weight,
+                               num_classes=num_classes)
+    if isinstance(out, list):  # a multi-expert model: one output per expert, each against its own queue
+        return mean_over_experts([losses(expert, queue[e]) for e, expert in enumerate(out)])
+    return losses(out, queue)
+
+
+def contrastive_losses(out: ContrastOutput, queue: LabelledQueue, *, labels: torch.Tensor, cfg: Config, supcon, pbsd,
+                       weight: torch.Tensor | None, num_classes: int | None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Loss, parts and keys of one model's (one expert's) outputs against its queue; ``weight``: (B,) the anchors'.
+
+    ``pretrain.patch_mode: multicrop`` replaces the distillation term by the contrastive loss of
+    each crop index j, the crops ``s[:, j]`` standing as anchors whose own key is their image's
+    ``k_i``: ``loss = L(z) + lambda * mean_j L(s_j)``.
+    """
+    use_patches = cfg.uses_pbsd
     key = out.key.float()
-    weight = None if class_weight is None else class_weight.to(device)[labels]
     contrast = supcon(out.query.float(), key, labels, queue.keys, queue.labels,
                       alpha=cfg.alpha, temperature=cfg.pretrain.temperature, weight=weight, num_classes=num_classes)
     parts = {"contrast": contrast, "p_key": key_probability(out.query.detach().float(), key, queue.keys, queue.labels,
@@ -145,7 +166,7 @@ def optimise(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Ten
     loss.backward()
     optimizer.step()
     if keys is not None:
-        unwrap(model).queue.enqueue(keys, labels)
+        unwrap(model).enqueue(keys, labels)
 
 
 def compiled_step(net: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,

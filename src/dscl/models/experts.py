@@ -20,20 +20,16 @@ per expert, and predicts the mean of the experts' logits.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from .backbones import Backbone, CifarResNet, TorchvisionResNet, _CifarBlock, build_backbone
 from .heads import Classifier, FeatureStandardizer, ProjectionHead
-from .momentum import ContrastOutput, _group_batchnorms, _shuffle, frozen_running_stats, momentum_update
-from .queue import ClassBalancedQueue, LabelledQueue
+from .momentum import MomentumContrast
+from .queue import LabelledQueue
 
 
 class MultiExpertBackbone(Backbone):
@@ -145,88 +141,48 @@ class ExpertQueues(nn.Module):
         return self.queues[0].num_valid()  # the same slots are written in every queue
 
 
-class MultiExpertContrast(nn.Module):
+class MultiExpertContrast(MomentumContrast):
     """Stage 1 on a :class:`MultiExpertBackbone`: per expert e, query head ``g_e``, momentum copy
-    ``(f_k, g_k,e)`` and queue ``M_e``; ``forward`` returns one :class:`ContrastOutput` per expert.
+    ``(f_k, g_k,e)`` and queue ``M_e``; ``forward`` returns a list of outputs, one per expert.
 
     Each view (query, key, the B*L crops) goes through the shared stages once. The key encoder is
     one EMA copy of the whole backbone, so expert e's key path is the EMA of the shared stages and
     of its own branch; the key batch is shuffled once for all experts. PBSD's teacher for expert e
-    is ROI-aligned on expert e's feature map and projected by expert e's head.
+    is ROI-aligned on expert e's feature map and projected by expert e's head. Everything else
+    (construction, momentum update, key shuffle, enqueue, forward) is :class:`MomentumContrast`'s.
     """
 
-    def __init__(self, backbone: MultiExpertBackbone, *, feature_dim: int = 128, queue_size: int = 65536,
-                 momentum: float = 0.999, key_bn_groups: int = 8, patch_bn_stats: bool = False,
-                 num_classes: int | None = None, teacher: str | None = "roi"):
-        super().__init__()
-        self.encoder = backbone
-        self.heads = nn.ModuleList(ProjectionHead(backbone.expert_dim, feature_dim)
-                                   for _ in range(backbone.num_experts))
-        self.key_encoder = copy.deepcopy(backbone)
-        self.key_heads = copy.deepcopy(self.heads)
-        _group_batchnorms(self.key_encoder, key_bn_groups)
-        for p in [*self.key_encoder.parameters(), *self.key_heads.parameters()]:
-            p.requires_grad_(False)
-        self.queue = ExpertQueues([LabelledQueue(queue_size, feature_dim) if num_classes is None
-                                   else ClassBalancedQueue(queue_size, feature_dim, num_classes)
-                                   for _ in range(backbone.num_experts)])
-        self.momentum, self.teacher, self.patch_bn_stats = momentum, teacher, patch_bn_stats
+    head_name = "heads"
 
     @property
     def num_experts(self) -> int:
         return self.encoder.num_experts
 
-    def query_pairs(self):
-        return zip([*self.encoder.parameters(), *self.heads.parameters()],
-                   [*self.key_encoder.parameters(), *self.key_heads.parameters()])
+    def new_head(self, feature_dim: int) -> nn.ModuleList:
+        return nn.ModuleList(ProjectionHead(self.encoder.expert_dim, feature_dim) for _ in range(self.num_experts))
 
-    def momentum_update(self) -> None:
-        momentum_update(self.query_pairs(), self.momentum)
+    def new_queue(self, size: int, dim: int, num_classes: int | None) -> ExpertQueues:
+        new = super().new_queue
+        return ExpertQueues([new(size, dim, num_classes) for _ in range(self.num_experts)])
+
+    def _heads(self, key: bool = False) -> list[nn.Module]:
+        return list(self.key_heads if key else self.heads)
+
+    def feature_maps(self, encoder: MultiExpertBackbone, x: Tensor) -> list[Tensor]:
+        return encoder.expert_maps(x)  # the shared stages run once
+
+    def _per_head(self, values: list) -> list:
+        return values
 
     @torch.no_grad()
     def encode_keys(self, key_view: Tensor) -> list[Tensor]:
         """(B, 3, S, S) -> E normalised keys (B, D); one shuffle (and one unshuffle) for all experts."""
-        x, unshuffle = _shuffle(key_view)
-        maps = self.key_encoder.expert_maps(x)
-        keys = torch.cat([F.normalize(g(u.mean((2, 3))), dim=1) for g, u in zip(self.key_heads, maps)], 1)
-        return list(unshuffle(keys).view(x.shape[0], self.num_experts, -1).unbind(1))
+        keys = super().encode_keys(key_view)
+        return list(keys.view(keys.shape[0], self.num_experts, -1).unbind(1))
 
-    def _project(self, maps: list[Tensor]) -> list[Tensor]:
-        """E feature maps (N, c, h, w) -> E normalised projections (N, D), expert e by head e."""
-        return [F.normalize(g(u.mean((2, 3))), dim=1) for g, u in zip(self.heads, maps)]
-
-    def forward(self, query_view: Tensor, key_view: Tensor, patches: Tensor | None = None,
-                boxes: Tensor | None = None) -> list[ContrastOutput]:
-        """As :meth:`MomentumContrast.forward`, for every expert: a list of E outputs."""
-        maps = self.encoder.expert_maps(query_view)  # E x (B, c, h, w)
-        queries = self._project(maps)
-        with torch.no_grad():
-            self.momentum_update()
-            keys = self.encode_keys(key_view)
-        teachers = students = [None] * self.num_experts
-        if patches is not None:
-            b, num_patches = patches.shape[:2]
-            with torch.no_grad():
-                if self.teacher == "roi":
-                    teachers = [self.patch_teacher(u.detach(), boxes, g) for u, g in zip(maps, self.heads)]
-                elif self.teacher == "global":
-                    teachers = [q.detach()[:, None, :].expand(b, num_patches, q.shape[1]) for q in queries]
-            with contextlib.nullcontext() if self.patch_bn_stats else frozen_running_stats(self.encoder):
-                students = self.student_features(patches)
-        return [ContrastOutput(*parts) for parts in zip(queries, keys, teachers, students)]
-
-    def student_features(self, patches: Tensor) -> list[Tensor]:
-        """(B, L, 3, P, P) crops -> each expert's (B, L, D) features, all B*L crops through the
-        shared stages at once."""
-        b, num_patches = patches.shape[:2]
-        return [s.view(b, num_patches, -1) for s in self._project(self.encoder.expert_maps(patches.flatten(0, 1)))]
-
-    def patch_teacher(self, feature_map: Tensor, boxes: Tensor, head: nn.Module) -> Tensor:
-        """Eq. 11 on one expert's map u_e, projected by that expert's head -> (B, L, D)."""
-        b, num_patches = boxes.shape[:2]
-        pooled = roi_align(feature_map, list(boxes.to(feature_map.dtype).unbind(0)), output_size=2,
-                           spatial_scale=1.0 / self.encoder.stride, sampling_ratio=2, aligned=True)
-        return F.normalize(head(pooled.mean((2, 3))), dim=1).view(b, num_patches, -1)
+    def key_features(self, x: Tensor) -> Tensor:
+        """(B, 3, S, S) -> the E experts' normalised keys side by side, (B, E*D)."""
+        return torch.cat(self._project(self.feature_maps(self.key_encoder, x), key=True), 1)
 
 
 class ExpertStandardizer(nn.Module):

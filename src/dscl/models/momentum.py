@@ -7,7 +7,8 @@ One forward computes, for a batch of B images with L patches each::
     c = normalize(g(mean_2x2(roi_align(u, box)))) # (B, L, D) patch teacher, no gradient
     s = normalize(g(f(crop)))                     # (B, L, D) patch student, all B*L crops at once
 
-The losses are computed by the caller (``dscl.losses``); the caller then enqueues the keys.
+The losses are computed by the caller (``dscl.losses``), who then steps the optimiser and
+hands the keys back: ``model.enqueue(keys, labels)``.
 """
 
 from __future__ import annotations
@@ -69,22 +70,27 @@ class ContrastOutput:
 
 
 class MomentumContrast(nn.Module):
-    """Query encoder ``f, g``, momentum key encoder ``f_k, g_k`` and the labelled queue."""
+    """Query encoder ``f, g``, momentum key encoder ``f_k, g_k`` and the labelled queue.
+
+    Written for heads that each project their own feature map of the encoder: here the one head
+    ``g`` on the one map ``u``; :class:`dscl.models.experts.MultiExpertContrast` overrides the
+    few methods that make them E (E maps, heads and queues, one output per expert).
+    """
+
+    head_name = "head"  # the query head's attribute, "key_" + it the momentum copy's (their state-dict keys)
 
     def __init__(self, backbone: Backbone, *, feature_dim: int = 128, queue_size: int = 65536,
                  momentum: float = 0.999, key_bn_groups: int = 8, patch_bn_stats: bool = False,
                  num_classes: int | None = None, teacher: str | None = "roi"):
         super().__init__()
         self.encoder = backbone
-        self.head = ProjectionHead(backbone.out_dim, feature_dim)
+        self.add_module(self.head_name, self.new_head(feature_dim))
         self.key_encoder = copy.deepcopy(backbone)
-        self.key_head = copy.deepcopy(self.head)
+        self.add_module("key_" + self.head_name, copy.deepcopy(getattr(self, self.head_name)))
         _group_batchnorms(self.key_encoder, key_bn_groups)
-        for p in [*self.key_encoder.parameters(), *self.key_head.parameters()]:
+        for p in [*self.key_encoder.parameters(), *self._head_parameters(key=True)]:
             p.requires_grad_(False)
-        # num_classes given: the class-balanced queue of the ablations, else one FIFO
-        self.queue = (LabelledQueue(queue_size, feature_dim) if num_classes is None
-                      else ClassBalancedQueue(queue_size, feature_dim, num_classes))
+        self.queue = self.new_queue(queue_size, feature_dim, num_classes)
         self.momentum = momentum
         # The patch crops' teacher: "roi" (PBSD, Eq. 11), "global" (the anchor's own z_i, the
         # `*` ablation) or None (no teacher: the crops only enter the contrastive loss)
@@ -94,53 +100,93 @@ class MomentumContrast(nn.Module):
         # images (with 5 crops per image they would otherwise make up most of the updates).
         self.patch_bn_stats = patch_bn_stats
 
+    def new_head(self, feature_dim: int) -> nn.Module:
+        return ProjectionHead(self.encoder.out_dim, feature_dim)
+
+    def new_queue(self, size: int, dim: int, num_classes: int | None) -> nn.Module:
+        """num_classes given: the class-balanced queue of the ablations, else one FIFO."""
+        return LabelledQueue(size, dim) if num_classes is None else ClassBalancedQueue(size, dim, num_classes)
+
+    def _heads(self, key: bool = False) -> list[nn.Module]:
+        """The query heads, one per feature map (``key``: their momentum copies)."""
+        return [self.key_head if key else self.head]
+
+    def feature_maps(self, encoder: Backbone, x: Tensor) -> list[Tensor]:
+        """(N, 3, S, S) -> the feature maps (N, C, h, w) the heads project, one per head."""
+        return [encoder.forward_features(x)]
+
+    def _per_head(self, values: list):
+        """What the model returns of values computed per head: the one value here, the list for experts."""
+        return values[0]
+
+    def _project(self, maps: list[Tensor], key: bool = False) -> list[Tensor]:
+        """Feature maps (N, C, h, w) -> normalised projections (N, D), map e by head e (``key``: its momentum copy)."""
+        return [F.normalize(g(u.mean((2, 3))), dim=1) for g, u in zip(self._heads(key), maps)]
+
+    def _head_parameters(self, key: bool = False) -> list[nn.Parameter]:
+        return [p for g in self._heads(key) for p in g.parameters()]
+
     def query_pairs(self):
-        return zip([*self.encoder.parameters(), *self.head.parameters()],
-                   [*self.key_encoder.parameters(), *self.key_head.parameters()])
+        return zip([*self.encoder.parameters(), *self._head_parameters()],
+                   [*self.key_encoder.parameters(), *self._head_parameters(key=True)])
 
     def momentum_update(self) -> None:
         momentum_update(self.query_pairs(), self.momentum)
 
     @torch.no_grad()
+    def enqueue(self, keys: Tensor, labels: Tensor) -> None:
+        """A step's keys (of all ranks) and their labels into the queue, after the optimiser's step (MoCo)."""
+        self.queue.enqueue(keys, labels)
+
+    @torch.no_grad()
     def encode_keys(self, key_view: Tensor) -> Tensor:
         """(B, 3, S, S) -> (B, D) normalised keys; batch shuffled (across ranks when distributed)."""
         x, unshuffle = _shuffle(key_view)
-        k = F.normalize(self.key_head(self.key_encoder(x)), dim=1)
-        return unshuffle(k)
+        return unshuffle(self.key_features(x))
+
+    def key_features(self, x: Tensor) -> Tensor:
+        """(B, 3, S, S) -> (B, D) normalised keys of the momentum encoder, in the batch's order."""
+        return F.normalize(self.key_head(self.key_encoder(x)), dim=1)
 
     def forward(self, query_view: Tensor, key_view: Tensor, patches: Tensor | None = None,
                 boxes: Tensor | None = None) -> ContrastOutput:
         """query_view, key_view: (B, 3, S, S); patches: (B, L, 3, P, P); boxes: (B, L, 4) in g1 pixels."""
-        feature_map = self.encoder.forward_features(query_view)  # u: (B, C, h, w)
-        query = F.normalize(self.head(feature_map.mean((2, 3))), dim=1)
+        maps = self.feature_maps(self.encoder, query_view)  # u: (B, C, h, w), one per head
+        queries = self._project(maps)
         with torch.no_grad():
             self.momentum_update()
-            key = self.encode_keys(key_view)
-        teacher = student = None
+            keys = _as_list(self.encode_keys(key_view))
+        teachers = students = [None] * len(maps)
         if patches is not None:
             b, num_patches = patches.shape[:2]
             with torch.no_grad():
                 if self.teacher == "roi":
-                    teacher = self.patch_teacher(feature_map.detach(), boxes)
+                    teachers = [self.patch_teacher(u.detach(), boxes, g) for u, g in zip(maps, self._heads())]
                 elif self.teacher == "global":
-                    teacher = query.detach()[:, None, :].expand(b, num_patches, query.shape[1])
+                    teachers = [q.detach()[:, None, :].expand(b, num_patches, q.shape[1]) for q in queries]
             with contextlib.nullcontext() if self.patch_bn_stats else frozen_running_stats(self.encoder):
-                student = self.student_features(patches)
-        return ContrastOutput(query, key, teacher, student)
+                students = _as_list(self.student_features(patches))
+        return self._per_head([ContrastOutput(*parts) for parts in zip(queries, keys, teachers, students)])
 
     def student_features(self, patches: Tensor) -> Tensor:
         """Eq. 13: (B, L, 3, P, P) crops -> (B, L, D) normalised features, all B*L crops in one
         forward (the authors run one forward per crop index; ``dscl bench --reference`` times that)."""
         b, num_patches = patches.shape[:2]
-        crops = patches.flatten(0, 1)  # (B*L, 3, P, P)
-        return F.normalize(self.head(self.encoder(crops)), dim=1).view(b, num_patches, -1)
+        maps = self.feature_maps(self.encoder, patches.flatten(0, 1))  # of the (B*L, 3, P, P) crops
+        return self._per_head([s.view(b, num_patches, -1) for s in self._project(maps)])
 
-    def patch_teacher(self, feature_map: Tensor, boxes: Tensor) -> Tensor:
-        """Eq. 11: ROI-align each box on u (2x2 output), average, project, normalise -> (B, L, D)."""
+    def patch_teacher(self, feature_map: Tensor, boxes: Tensor, head: nn.Module | None = None) -> Tensor:
+        """Eq. 11: ROI-align each box on u (2x2 output), average, project by ``head`` (default: the
+        query head), normalise -> (B, L, D)."""
         b, num_patches = boxes.shape[:2]
         pooled = roi_align(feature_map, list(boxes.to(feature_map.dtype).unbind(0)), output_size=2,
                            spatial_scale=1.0 / self.encoder.stride, sampling_ratio=2, aligned=True)
-        return F.normalize(self.head(pooled.mean((2, 3))), dim=1).view(b, num_patches, -1)
+        return F.normalize((self.head if head is None else head)(pooled.mean((2, 3))), dim=1).view(b, num_patches, -1)
+
+
+def _as_list(values) -> list:
+    """A model's per-head result as a list: the experts' list as it is, a single model's value as a list of one."""
+    return values if isinstance(values, list) else [values]
 
 
 @torch.no_grad()
