@@ -9,8 +9,6 @@ never on the test split.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -21,12 +19,12 @@ from ..errors import NumericalError
 from ..losses import log_prior
 from ..progress import progress
 from ..models import Classifier, ExpertClassifier, build_classifier
-from .distributed import Runtime, all_reduce_sum
+from .distributed import Runtime
 from .evaluate import accuracy_report, extract_features
 from .experts import classifier_loss
 from .loaders import EpochBatches, steps_per_epoch
 from .pretrain import build_encoder
-from .step import autocast, prepare_model, stop_if_not_finite, to_device
+from .step import EpochMeter, LastCheckpoint, autocast, prepare_model, set_lr, stop_if_not_finite, to_device
 from .rundir import RunDir
 from .seeding import mix_seed
 from .views import linear_transform, split_loader
@@ -97,14 +95,9 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
     optimizer = torch.optim.SGD(model.fc.parameters(), lr=lc.lr, momentum=lc.momentum, weight_decay=lc.weight_decay)
     start_epoch, start_step, best = 0, 0, {"epoch": 0, "val": None, "fc": model.fc.state_dict()}
     start_loss, train_cache = None, None
-    if resume and run.checkpoint("linear_last").is_file():
-        state = run.load(run.checkpoint("linear_last"))
-        model.fc.load_state_dict(state["fc"])
-        model.norm.load_state_dict(state["norm"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step, best, run.metrics = state["epoch"], state["step"], state["best"], state["metrics"]
-        start_loss = state["start_loss"]
-        run.log(f"stage 2: resumed from {run.checkpoint('linear_last')} (epoch {start_epoch}, step {start_step})")
+    last = LastCheckpoint(run, cfg, "linear", "stage 2", optimizer, fc=model.fc, norm=model.norm)
+    if resume and (state := last.resume()):
+        start_epoch, start_step, best, start_loss = state["epoch"], state["step"], state["best"], state["start_loss"]
     elif lc.standardize:
         train_cache = fit_standardizer(model, cfg, splits, rt)
     if not lc.augment and train_cache is None:
@@ -145,17 +138,11 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
                else "last epoch kept (linear.select: last)" if val is not None
                else "no validation split: last epoch kept"))
 
-    def save_last(epoch: int, step: int) -> None:
-        run.save(run.checkpoint("linear_last"), {"stage": "linear", "fc": model.fc.state_dict(), "best": best,
-                 "norm": model.norm.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                 "step": step, "metrics": run.metrics, "start_loss": start_loss})
-
     for epoch in range(start_epoch, lc.epochs):
         lr = lc.lr * lc.gamma ** sum(epoch >= m for m in lc.milestones)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         sampler.set_epoch(epoch)
-        total, seen, tic = 0.0, 0, time.perf_counter()
+        meter = EpochMeter()
         bar = progress(epoch_features(list(sampler), epoch, start_step), desc=f"linear {epoch + 1}/{lc.epochs}",
                    initial=start_step, total=steps, enabled=rt.is_main, leave=False)
         for step, (features, labels) in enumerate(bar, start=start_step):
@@ -167,29 +154,24 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, seen = total + loss.item(), seen + 1
+            meter.add({"loss": loss.item()})
             start_loss = loss.item() if start_loss is None else start_loss
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < steps:
-                save_last(epoch, step + 1)
-        elapsed = time.perf_counter() - tic
-        row = {"stage": "linear", "epoch": epoch + 1, "lr": lr, "seconds": round(elapsed, 3),
-               "images_per_s": round(float(all_reduce_sum(torch.tensor(float(seen * local_batch)))) / elapsed, 2),
-               "loss": round(total / max(seen, 1), 5)}
+            if last.due(step, steps):
+                last.save(epoch, step + 1, best=best, start_loss=start_loss)
+        row = meter.row("linear", epoch + 1, lr, local_batch)
         check_divergence(row["loss"], start_loss, epoch, lc.lr)
         if val is not None:
             with torch.no_grad():
                 preds = model.head(val[0]).argmax(1)
             row["val_top1"] = round(accuracy_report(preds.cpu(), val[1].cpu(), splits.train_counts)["overall"], 4)
-        if val is not None and lc.select == "best":
-            if best["val"] is None or row["val_top1"] > best["val"]:
-                best = {"epoch": epoch + 1, "val": row["val_top1"],
-                        "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
-        else:  # the last epoch: no validation split, or linear.select: last
-            best = {"epoch": epoch + 1, "val": None, "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
+        on_val = val is not None and lc.select == "best"  # else the last epoch is kept
+        if not on_val or best["val"] is None or row["val_top1"] > best["val"]:
+            best = {"epoch": epoch + 1, "val": row["val_top1"] if on_val else None,
+                    "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
         run.add_metrics(row)
         start_step = 0
-        save_last(epoch + 1, 0)
+        last.save(epoch + 1, 0, best=best, start_loss=start_loss)
     assert_unchanged(backbone, snapshot)
     model.fc.load_state_dict(best["fc"])
     selection = selection_of(best)

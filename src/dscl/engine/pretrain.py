@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -28,13 +27,14 @@ from ..losses import (decoupled_supcon_loss, distillation_signals, effective_num
 from ..progress import progress
 from ..models import (Classifier, ContrastOutput, LabelledQueue, MomentumContrast, MultiExpertContrast, build_backbone,
                       build_multi_expert_backbone)
-from .distributed import Runtime, all_gather_cat, all_reduce_sum
+from .distributed import Runtime, all_gather_cat
 from .loaders import EpochBatches, shuffled_order, steps_per_epoch
 from .rundir import RunDir
 from .seeding import mix_seed, seed_everything
 from .evaluate import extract_features, knn_predict
 from .experts import mean_over_experts
-from .step import autocast, check_can_compile, prepare_model, stop_if_not_finite, to_device, unwrap
+from .step import (EpochMeter, LastCheckpoint, autocast, check_can_compile, prepare_model, set_lr, stop_if_not_finite,
+                   to_device, unwrap)
 from .views import split_loader, stage1_transform
 
 
@@ -161,7 +161,9 @@ CHECK_EVERY = 25  # stage-1 steps between two reads of the loss on a GPU
 def optimise(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
              keys: torch.Tensor | None, labels: torch.Tensor) -> None:
     """How every stage-1 step ends: backward, the optimiser's step, then this step's keys (``None``
-    for CE, which has no queue) and their labels into the queue."""
+    for CE, which has no queue) and their labels, gathered from all ranks, into the queue."""
+    if keys is not None:
+        keys, labels = all_gather_cat(keys), all_gather_cat(labels.to(keys.device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -190,10 +192,7 @@ def compiled_step(net: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
 
     def train_step(batch):
         loss, parts, keys = stage1_losses(net, batch, cfg, device, **loss_options)
-        labels = batch[1]
-        if keys is not None:
-            keys, labels = all_gather_cat(keys), all_gather_cat(labels.to(device))
-        optimise(net, optimizer, loss, keys, labels)
+        optimise(net, optimizer, loss, keys, batch[1])
         return loss.detach(), {name: value.detach() for name, value in parts.items()}
 
     cuda = device.type == "cuda"
@@ -283,83 +282,60 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
     base_lr = p.lr * global_batch / 256
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=p.momentum, weight_decay=p.weight_decay)
-    start_epoch = start_step = 0
-    if resume and run.checkpoint("pretrain_last").is_file():
-        state = run.load(run.checkpoint("pretrain_last"))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step = state["epoch"], state["step"]
-        run.metrics = state["metrics"]
-        run.log(f"stage 1: resumed from {run.checkpoint('pretrain_last')} (epoch {start_epoch}, step {start_step})")
+    last = LastCheckpoint(run, cfg, "pretrain", "stage 1", optimizer, model=model)
+    state = last.resume() if resume else None
+    start_epoch, start_step = (state["epoch"], state["step"]) if state else (0, 0)
     run.log(f"stage 1 ({cfg.method}): {len(splits.train)} images, {steps} steps/epoch, effective batch "
             f"{global_batch} = {rt.world_size} x {local_batch}, lr {base_lr:g} (= {p.lr:g} x {global_batch}/256)")
     if cfg.method_spec.contrastive and p.queue_size > len(splits.train):
         run.log(f"warning: pretrain.queue_size {p.queue_size} exceeds the {len(splits.train)} training images: "
                 f"the queue then holds stale keys of the anchor's own image, which count as its positives")
     health = KnnMonitor(cfg, splits, rt, run)
-    class_weight, log_pi = anchor_weights(cfg, splits.train_counts), loss_priors(cfg, splits.train_counts)
+    options = {"class_weight": anchor_weights(cfg, splits.train_counts), "num_classes": splits.num_classes,
+               "log_pi": loss_priors(cfg, splits.train_counts)}  # of stage1_losses
     net = DistributedDataParallel(model) if rt.distributed else model
     batches = EpochBatches(cfg, splits.train, lambda on_device: stage1_transform(cfg, splits.image_size, on_device),
                            rt, batch=local_batch, seed=cfg.seed)
     run.log(batches.describe())
-    compiled = (compiled_step(net, optimizer, cfg, rt.device, class_weight=class_weight,
-                              num_classes=splits.num_classes, log_pi=log_pi) if cfg.compile == "step" else None)
-
-    def save_last(epoch: int, step: int) -> None:
-        if rt.is_main:
-            run.save(run.checkpoint("pretrain_last"), {"stage": "pretrain", "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "metrics": run.metrics})
+    compiled = compiled_step(net, optimizer, cfg, rt.device, **options) if cfg.compile == "step" else None
 
     total_steps, warmup = p.epochs * steps, p.warmup_epochs * steps
     for epoch in range(start_epoch, p.epochs):
         order = shuffled_order(len(splits.train), cfg.seed, epoch, rt, steps, local_batch)
         loader = batches.epoch(order, epoch, start_step)
         net.train()
-        sums, seen, tic = {}, 0, time.perf_counter()
+        meter = EpochMeter()
         bar = progress(loader, desc=f"pretrain {epoch + 1}/{p.epochs}", initial=start_step, total=steps,
                    enabled=rt.is_main, leave=False)
         unchecked, first = None, start_step
         for step, batch in enumerate(bar, start=start_step):
             torch.manual_seed(mix_seed(cfg.seed, epoch, step, rt.rank, 3))  # key shuffle etc.
             lr = warmup_cosine(base_lr, epoch * steps + step, total_steps, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             if compiled is None:
-                loss, parts, keys = stage1_losses(net, batch, cfg, rt.device, class_weight=class_weight,
-                                            num_classes=splits.num_classes, log_pi=log_pi)
+                loss, parts, keys = stage1_losses(net, batch, cfg, rt.device, **options)
             else:  # compile: step: the whole step, optimiser's step and enqueue included
                 loss, parts = compiled(batch)
             # The sum of the losses since the last check is finite iff each of them is. Reading it
             # makes the host wait for the device, so a GPU reads it every CHECK_EVERY steps only
             # (and before a checkpoint): the host queues the next steps meanwhile.
             unchecked = loss.detach() if unchecked is None else unchecked + loss.detach()
-            save_due = cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < steps
+            save_due = last.due(step, steps)
             if rt.device.type != "cuda" or (step + 1) % CHECK_EVERY == 0 or step + 1 == steps or save_due:
                 span = f"step {step + 1}" if first == step else f"steps {first + 1} to {step + 1}"
                 stop_if_not_finite(unchecked, f"stage 1, epoch {epoch + 1}, {span}",
-                                   f"the last good checkpoint is {run.checkpoint('pretrain_last')}")
+                                   f"the last good checkpoint is {last.path}")
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
                 unchecked, first = None, step + 1
             if compiled is None:
-                labels = batch[1]
-                if keys is not None:  # the queue takes the keys of all ranks
-                    keys, labels = all_gather_cat(keys), all_gather_cat(labels.to(rt.device))
-                optimise(net, optimizer, loss, keys, labels)
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value.detach()
-            seen += 1
+                optimise(net, optimizer, loss, keys, batch[1])
+            meter.add(parts)
             run.add_step_scalars(epoch * steps + step, {"lr": lr, **parts})  # TensorBoard, if logging.tensorboard
             if save_due:
-                save_last(epoch, step + 1)
-        elapsed = time.perf_counter() - tic
-        seen_all = float(all_reduce_sum(torch.tensor(float(seen * local_batch))))
-        row = {"stage": "pretrain", "epoch": epoch + 1, "lr": lr, "seconds": round(elapsed, 3),
-               "images_per_s": round(seen_all / max(elapsed, 1e-9), 2)}
-        row.update({name: round(float(total) / max(seen, 1), 5) for name, total in sums.items()})
-        row.update(health.measure(unwrap(net), epoch + 1))
-        run.add_metrics(row)
+                last.save(epoch, step + 1)
+        run.add_metrics(meter.row("pretrain", epoch + 1, lr, local_batch) | health.measure(unwrap(net), epoch + 1))
         start_step = 0
-        save_last(epoch + 1, 0)
+        last.save(epoch + 1, 0)
     if rt.is_main:
         run.save(final, {"stage": "pretrain", "model": model.state_dict(), "epochs": p.epochs,
                          "metrics": run.metrics, "complete": True})

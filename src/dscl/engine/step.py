@@ -1,9 +1,11 @@
-"""What every training step of both stages shares: autocast, moving batches to the device,
-channels-last and compiled encoders, the finite-loss check across processes, unwrapping DDP."""
+"""What every training step and epoch of both stages shares: autocast, moving batches to the device,
+channels-last and compiled encoders, the finite-loss check across processes, unwrapping DDP, the
+learning-rate write, the resumable ``<stage>_last.pt`` checkpoint and the epoch's metrics row."""
 
 from __future__ import annotations
 
 import shutil
+import time
 
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import Config
 from ..errors import ConfigError, NumericalError
 from .distributed import all_reduce_sum
+from .rundir import RunDir
 
 
 def stop_if_not_finite(loss: torch.Tensor, where: str, hint: str) -> None:
@@ -81,3 +84,58 @@ def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper, or the model itself."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class LastCheckpoint:
+    """``checkpoints/<stage>_last.pt``, saved every ``checkpoint_every_steps`` steps and after each epoch:
+    the ``modules`` (by state-dict key), the optimiser, epoch, step, the metrics so far and any ``extra``."""
+
+    def __init__(self, run: RunDir, cfg: Config, stage: str, label: str, optimizer, **modules: nn.Module):
+        self.run, self.every, self.stage, self.label = run, cfg.checkpoint_every_steps, stage, label
+        self.optimizer, self.modules, self.path = optimizer, modules, run.checkpoint(f"{stage}_last")
+
+    def due(self, step: int, steps: int) -> bool:
+        return bool(self.every) and (step + 1) % self.every == 0 and step + 1 < steps
+
+    def resume(self) -> dict | None:
+        """Restore modules, optimiser and metrics and log it (``label: resumed from``); the state, or None."""
+        if not self.path.is_file():
+            return None
+        state = self.run.load(self.path)
+        for name, module in self.modules.items():
+            module.load_state_dict(state[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.run.metrics = state["metrics"]
+        self.run.log(f"{self.label}: resumed from {self.path} (epoch {state['epoch']}, step {state['step']})")
+        return state
+
+    def save(self, epoch: int, step: int, **extra) -> None:
+        modules = {name: module.state_dict() for name, module in self.modules.items()}
+        self.run.save(self.path, {"stage": self.stage, **modules, "optimizer": self.optimizer.state_dict(),
+                                  "epoch": epoch, "step": step, "metrics": self.run.metrics, **extra})
+
+
+class EpochMeter:
+    """An epoch's clock and the sums of its steps' parts; :meth:`row` makes its metrics row."""
+
+    def __init__(self):
+        self.sums, self.seen, self.tic = {}, 0, time.perf_counter()
+
+    def add(self, parts: dict) -> None:
+        self.sums.update({k: self.sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+                          for k, v in parts.items()})
+        self.seen += 1
+
+    def row(self, stage: str, epoch: int, lr: float, local_batch: int) -> dict:
+        """``stage, epoch, lr, seconds, images_per_s`` (all processes'), then each part's mean over the steps."""
+        elapsed = time.perf_counter() - self.tic
+        images = float(all_reduce_sum(torch.tensor(float(self.seen * local_batch))))
+        return {"stage": stage, "epoch": epoch, "lr": lr, "seconds": round(elapsed, 3),
+                "images_per_s": round(images / max(elapsed, 1e-9), 2),
+                **{k: round(float(v) / max(self.seen, 1), 5) for k, v in self.sums.items()}}
