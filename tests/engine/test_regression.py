@@ -54,9 +54,14 @@ def _weights(path: Path) -> dict:
 
 def record(out: Path, overrides: list[str]) -> dict:
     sets = [x for o in [*TINY, *SHORT, *overrides] for x in ("--set", o)]
-    with pytest.MonkeyPatch.context() as patch:  # the plots take longer than the tiny run
-        patch.setattr("dscl.analysis.plots.plot_finished_run", lambda path: None)
-        assert main(["run", "--out", str(out), *sets]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the fixture's sums are of one thread: more threads sum in another order
+    try:
+        with pytest.MonkeyPatch.context() as patch:  # the plots take longer than the tiny run
+            patch.setattr("dscl.analysis.plots.plot_finished_run", lambda path: None)
+            assert main(["run", "--out", str(out), *sets]) == 0
+    finally:
+        torch.set_num_threads(threads)
     results = json.loads((out / "results.json").read_text())
     return {"results": {k: results.get(k) for k in KEYS}, "weights": _weights(out)}
 
