@@ -24,7 +24,7 @@ from dscl.engine.evaluate import extract_features, knn_predict
 from dscl.engine.checkpoint import load_checkpoint
 from dscl.engine.linear import backbone_from_stage1
 from dscl.engine.runner import load_data
-from dscl.engine.tensor_data import images_in_memory
+from dscl.data.loading import images_in_memory
 from dscl.engine.views import eval_loader, stage1_transform
 
 

@@ -22,7 +22,7 @@ from dscl.bench import bench
 from dscl.config import load_config
 from dscl.demo import DEMO_SETTINGS
 from dscl.engine import run, setup
-from dscl.engine.allocator import keep_freed_memory
+from dscl.allocator import keep_freed_memory
 
 
 def settings(args) -> list[str]:

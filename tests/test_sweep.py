@@ -150,7 +150,7 @@ def test_table1_layout_every_variant_and_a_curve_end_to_end(tmp_path, tiny_overr
 def test_a_folder_written_before_a_key_existed_is_the_same_run(tmp_path, tiny_overrides):
     # keys added to dscl later take their defaults; logging.* never makes another run
     from dscl.config import load_config
-    from dscl.engine.checkpoint import write_yaml
+    from dscl.files import write_yaml
     from dscl.sweep import _check_same
 
     old = load_config(None, tiny_overrides).to_dict()
@@ -164,7 +164,7 @@ def test_a_folder_written_before_a_key_existed_is_the_same_run(tmp_path, tiny_ov
 def test_the_dscl_weight_makes_another_run_only_for_the_dscl_methods(tmp_path, tiny_overrides):
     # a recipe's alpha can change without orphaning its finished ce and scl runs
     from dscl.config import load_config
-    from dscl.engine.checkpoint import write_yaml
+    from dscl.files import write_yaml
     from dscl.sweep import _check_same
 
     for method in ("ce", "scl", "scl+pbsd", "dscl", "dscl+pbsd"):

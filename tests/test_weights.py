@@ -22,7 +22,7 @@ import yaml
 
 import dscl
 from dscl.cli import main
-from dscl.engine.trained import WEIGHTS, published_names
+from dscl.weights import FOLDER as WEIGHTS, published_names
 from dscl.errors import CheckpointError, ConfigError
 from dscl.export import export_run
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .engine.allocator import keep_freed_memory
+from .allocator import keep_freed_memory
 from .errors import ConfigError, DSCLError
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from .analysis.plots import plot_finished_run
 from .config import load_config
 from .engine import run, setup
-from .engine.checkpoint import write_json
+from .files import write_json
 
 DEMO_METHODS = ("ce", "scl", "dscl", "dscl+pbsd")
 

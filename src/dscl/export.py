@@ -34,10 +34,12 @@ import torch
 from torch import nn
 
 from .config import load_config
-from .engine.checkpoint import atomic_write_bytes, save_checkpoint, write_json, write_yaml
+from .engine.checkpoint import save_checkpoint
+from .files import atomic_write_bytes, write_json, write_yaml
 from .engine.linear import stage1_backbone_prefix
 from .engine.rundir import RunDir
-from .engine.trained import CARD, TrainedClassifier, load, load_classifier, run_folder, stage1_state
+from .engine.trained import CARD, TrainedClassifier, load, load_classifier, stage1_state
+from .weights import run_folder
 from .errors import CheckpointError, ConfigError
 from .models import CifarResNet, ExpertClassifier, TorchvisionResNet
 from .models import standalone

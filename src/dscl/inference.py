@@ -18,11 +18,12 @@ from .version import __version__
 from .config import load_config
 from .data import DATASET_NAMES, load_rgb
 from .data.images import is_image_file
-from .engine.checkpoint import write_json
+from .files import write_json
 from .engine.evaluate import accuracy_report, posthoc_logit_adjustment, predict, predict_logits
 from .engine.runner import load_data
 from .progress import progress as progress_bar
-from .engine.trained import WEIGHTS, TrainedClassifier, is_published, load, run_folder
+from .engine.trained import TrainedClassifier, load
+from .weights import FOLDER, is_published, run_folder
 from .engine.views import split_loader
 from .errors import ConfigError, DataError
 
@@ -160,7 +161,7 @@ def _results_path(run_dir: Path, results: Path | None, name: str) -> Path:
     if results:
         return Path(results)
     if is_published(run_dir):
-        return Path("evaluations") / run_dir.resolve().relative_to(WEIGHTS) / name
+        return Path("evaluations") / run_dir.resolve().relative_to(FOLDER) / name
     return run_dir / "evaluations" / name
 
 

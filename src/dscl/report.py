@@ -22,7 +22,7 @@ from .analysis.figures import figure_png
 from .analysis.plots import curves_figure, per_class_figure, read_metrics, read_results
 from .analysis.runs import run_path
 from .config import flatten_config
-from .engine.checkpoint import atomic_write_text
+from .files import atomic_write_text
 from .errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from .config import config_from_dict, flatten_config, load_config, parse_override
-from .engine.checkpoint import atomic_write_text
+from .files import atomic_write_text
 from .engine.rundir import RunDir
 from .errors import ArgumentError, ConfigError, DSCLError
 from .methods import REGISTRY

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from dscl.cli import main
+from dscl import files
 from dscl.engine import checkpoint as ckpt
 from dscl.errors import CheckpointError
 
@@ -274,7 +275,7 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ckpt.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     with pytest.raises(CheckpointError, match="disk is full.*previous pretrain_last.pt is unchanged"):
         ckpt.save_checkpoint(path, {"format": 1, "epoch": 2})
     monkeypatch.undo()

@@ -14,7 +14,7 @@ from dscl.engine.linear import backbone_from_stage1, fit_standardizer, train_lin
 from dscl.engine.pretrain import build_stage1_model
 from dscl.engine.rundir import RunDir
 from dscl.engine.runner import load_data
-from dscl.engine.seeding import mix_seed, seed_everything
+from dscl.seeding import mix_seed, seed_everything
 from dscl.engine.views import linear_transform, split_loader
 from dscl.errors import NumericalError
 from dscl.models import Classifier, build_backbone

@@ -7,7 +7,7 @@ from PIL import Image
 from dscl.cli import main
 from dscl.config import load_config
 from dscl.data.images import ImageListDataset
-from dscl.engine.tensor_data import pipeline_choice
+from dscl.engine.loaders import pipeline_choice
 
 
 def image_list(tmp_path, sizes):

@@ -14,7 +14,7 @@ import torch
 import torch.utils.data
 
 from dscl.cli import main
-from dscl.engine import loaders
+from dscl.data import loading
 from dscl.engine.checkpoint import load_checkpoint
 
 ACCURACY_KEYS = ("overall", "many", "medium", "few", "per_class")
@@ -141,7 +141,7 @@ def test_a_dead_loader_worker_stops_the_run_and_resume_continues_exactly(tmp_pat
     alone = json.loads((tmp_path / "alone" / "results.json").read_text())
 
     flag = tmp_path / "killed-once"
-    real = loaders.SeededDataset.__getitem__
+    real = loading.SeededDataset.__getitem__
 
     def dies_once_in_a_worker(self, item):
         info = torch.utils.data.get_worker_info()
@@ -150,7 +150,7 @@ def test_a_dead_loader_worker_stops_the_run_and_resume_continues_exactly(tmp_pat
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, item)
 
-    monkeypatch.setattr(loaders.SeededDataset, "__getitem__", dies_once_in_a_worker)
+    monkeypatch.setattr(loading.SeededDataset, "__getitem__", dies_once_in_a_worker)
     out = tmp_path / "killed"
     assert main(["run", "--out", str(out), *sets(overrides)]) == 2
     err = capsys.readouterr().err

@@ -33,7 +33,7 @@ def figure_png(fig, dpi: int = 100) -> bytes:
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Write the figure as a PNG, whole or not at all; closes it."""
-    from ..engine.checkpoint import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     path = Path(path)
     data = figure_png(fig, dpi)

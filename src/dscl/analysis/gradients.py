@@ -220,7 +220,7 @@ def analyze_gradients(run: str | Path, out: str | Path, *, checkpoint: str | Pat
     source = "initial weights" if initial else f"{cfg.method} run, {Path(checkpoint or 'pretrain.pt').name}"
     result = GradientRatios(splits.classes, splits.train_counts, alpha, *means, anchors, measured, source)
     plot_gradient_ratios(out, result)
-    from ..engine.checkpoint import atomic_write_text
+    from ..files import atomic_write_text
 
     atomic_write_text(Path(out).with_suffix(".json"), result.to_json())
     return result

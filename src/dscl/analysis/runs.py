@@ -20,14 +20,15 @@ from ..config import Config
 from ..data import DataSplits, eval_transform, load_rgb
 from ..engine.distributed import resolve_device
 from ..engine.rundir import RunDir
-from ..engine.trained import load_weights, read_run, run_folder, stage1_state
+from ..engine.trained import load_weights, read_run, stage1_state
+from ..weights import run_folder
 from ..engine.views import normalisation
 from ..errors import ArgumentError, ConfigError
 from ..models import MomentumContrast, MultiExpertContrast
 
 
 def run_path(path: str | Path, hint: str = "give the --out folder of `dscl run`") -> Path:
-    """The run folder ``path``, or the published weights of that name (:func:`dscl.engine.trained.run_folder`);
+    """The run folder ``path``, or the published weights of that name (:func:`dscl.weights.run_folder`);
     a folder that holds no run is refused with what it holds instead and ``hint``."""
     path = Path(path)
     if path.is_dir() and not (path / "config.yaml").is_file():
@@ -67,7 +68,7 @@ def stage1_model(run: RunDir, cfg: Config, num_classes: int, checkpoint: str | P
     its finished stage 1, or ``checkpoint`` (a stage-1 checkpoint of the run); ``initial``: the
     weights the run started from (seeded as training seeds them)."""
     from ..engine.pretrain import build_stage1_model
-    from ..engine.seeding import mix_seed, seed_everything
+    from ..seeding import mix_seed, seed_everything
 
     if not initial and not cfg.method_spec.contrastive:
         raise ConfigError(f"{run.path} is a {cfg.method} run: it has no contrastive stage 1 (no projection head, "

@@ -26,7 +26,7 @@ from .loaders import EpochBatches, steps_per_epoch
 from .pretrain import build_encoder
 from .step import EpochMeter, LastCheckpoint, autocast, prepare_model, set_lr, stop_if_not_finite, to_device
 from .rundir import RunDir
-from .seeding import mix_seed
+from ..seeding import mix_seed
 from .views import linear_transform, split_loader
 
 

@@ -1,53 +1,47 @@
-"""Data loaders whose every random draw is a function of (seed, epoch, position).
-
-Each sample of an epoch is augmented under its own seed, derived from the run seed, the epoch
-and its position in the epoch's order. The views of a batch are then the same whether the epoch
-runs in one go or is resumed half-way, with any number of loader workers: resuming only needs
-the epoch and the number of batches already done.
-"""
+"""The batches of each training epoch: which data path (on the device or per image), the
+epoch's order and how many steps it has; the loading itself is :mod:`dscl.data.loading`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from PIL import Image
+from torch.utils.data import Dataset
 
 from ..config import Config
-from ..errors import DataError
+from ..data.loading import MAX_SIDE, TensorBatches, images_in_memory, make_loader, stop_on_dead_worker
+from ..seeding import mix_seed
 from .distributed import Runtime
-from .seeding import mix_seed, seed_everything
-from .tensor_data import TensorBatches, images_in_memory, pipeline_choice
+
+MAX_BYTES = 4 * 2**30  # auto keeps a file list on the per-image path above this much uint8
+PROBES = 8  # images whose size auto checks in a file list
 
 
-class SeededDataset(Dataset):
-    """Applies ``transform`` under a per-draw seed; the sampler hands ``(index, seed)`` pairs."""
-
-    def __init__(self, dataset: Dataset, transform: Callable):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        image, label = self.dataset[index]
-        seed_everything(seed)
-        return self.transform(image), label
-
-
-class EpochOrder(Sampler):
-    """This rank's share of an epoch's order, from position ``start``, as ``(index, seed)`` pairs."""
-
-    def __init__(self, order: Sequence[int], epoch_seed: int, start: int = 0):
-        self.order, self.epoch_seed, self.start = list(order), epoch_seed, start
-
-    def __len__(self) -> int:
-        return len(self.order) - self.start
-
-    def __iter__(self):
-        for position in range(self.start, len(self.order)):
-            yield int(self.order[position]), mix_seed(self.epoch_seed, position)
+def pipeline_choice(cfg: Config, dataset: Dataset) -> tuple[bool, str]:
+    """(on-device path?, why), for ``data.pipeline``: ``auto`` takes the on-device path for data
+    already in memory and for file lists of small images of one size (checked on a few files,
+    spread over the list), where it keeps up and the per-image path does not."""
+    if cfg.data.pipeline != "auto":
+        return cfg.data.pipeline == "tensor", f"data.pipeline: {cfg.data.pipeline}"
+    if hasattr(dataset, "data"):
+        return True, "auto: images already in memory"
+    paths = getattr(dataset, "paths", None)
+    if not paths:
+        return False, "auto: not a file list"
+    sizes = set()
+    for i in range(0, len(paths), max(1, len(paths) // PROBES)):
+        try:
+            with Image.open(paths[i]) as image:
+                sizes.add(image.size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return False, f"auto: {paths[i]} unreadable"
+    if len(sizes) != 1 or max(next(iter(sizes))) > MAX_SIDE:
+        return False, f"auto: images larger than {MAX_SIDE} px or of several sizes"
+    w, h = sizes.pop()
+    if len(paths) * w * h * 3 > MAX_BYTES:
+        return False, f"auto: {len(paths)} images would need more than {MAX_BYTES // 2**30} GiB in memory"
+    return True, f"auto: {w}x{h}-px images"
 
 
 def shuffled_order(num_samples: int, seed: int, epoch: int, runtime: Runtime, steps: int, batch: int) -> list[int]:
@@ -58,14 +52,6 @@ def shuffled_order(num_samples: int, seed: int, epoch: int, runtime: Runtime, st
     if total > num_samples:  # pad by wrapping (only when steps_per_epoch asks for more)
         perm = perm.repeat(total // num_samples + 1)
     return perm[:total][runtime.rank :: runtime.world_size].tolist()
-
-
-def make_loader(dataset: Dataset, transform: Callable, order: Sequence[int], *, seed: int, epoch: int,
-                rank: int, batch: int, start_step: int, num_workers: int, device: torch.device) -> DataLoader:
-    sampler = EpochOrder(order, mix_seed(seed, epoch, rank, 2), start=start_step * batch)
-    return DataLoader(SeededDataset(dataset, transform), batch_size=batch, sampler=sampler,
-                      num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                      persistent_workers=False)
 
 
 def steps_per_epoch(num_samples: int, global_batch: int, cap: int | None) -> int:
@@ -96,15 +82,3 @@ class EpochBatches:
         return stop_on_dead_worker(make_loader(self.dataset, self.transform, order, seed=self.seed, epoch=epoch,
                                                rank=self.rt.rank, batch=self.batch, start_step=start_step,
                                                num_workers=self.workers, device=self.rt.device), epoch)
-
-
-def stop_on_dead_worker(loader: DataLoader, epoch: int):
-    """The loader's batches; a worker process that dies (killed, out of memory) stops the run
-    with a message naming the cause instead of a traceback from inside the DataLoader."""
-    try:
-        yield from loader
-    except RuntimeError as exc:
-        if "DataLoader worker" not in str(exc):
-            raise
-        raise DataError(f"epoch {epoch + 1}: a data-loader worker process died ({exc}); the usual cause is "
-                        f"running out of memory (fewer data.num_workers help). Continue with --resume") from None

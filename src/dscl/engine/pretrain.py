@@ -30,7 +30,7 @@ from ..models import (Classifier, ContrastOutput, LabelledQueue, MomentumContras
 from .distributed import Runtime, all_gather_cat
 from .loaders import EpochBatches, shuffled_order, steps_per_epoch
 from .rundir import RunDir
-from .seeding import mix_seed, seed_everything
+from ..seeding import mix_seed, seed_everything
 from .evaluate import extract_features, knn_predict
 from .experts import mean_over_experts
 from .step import (EpochMeter, LastCheckpoint, autocast, check_can_compile, prepare_model, set_lr, stop_if_not_finite,
@@ -86,18 +86,13 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
                   supcon=decoupled_supcon_loss, pbsd=patch_distillation_loss,
                   class_weight: torch.Tensor | None = None, num_classes: int | None = None,
                   log_pi: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-    """Loss of one batch, its parts (what the metrics log) and the batch's keys for the queue
-    (None for a classifier trained end to end), for any method (``supcon`` / ``pbsd``: the loss functions;
-    ``class_weight``: (C,) weights of the anchors by class, see :func:`anchor_weights`;
-    ``num_classes``: given, the losses never wait for the device to find it; ``log_pi``:
-    (C,) log class priors of a logit-adjusted loss, see :func:`loss_priors`).
-
-    A multi-expert model returns one output per expert: each goes through :func:`contrastive_losses`
-    with that expert's queue, and the batch's loss is their mean (:func:`dscl.engine.experts.mean_over_experts`).
-
-    With ``precision: bf16`` the networks run under autocast; the losses always run in float32
-    on float32 features (logits over a large queue at tau = 0.07 need the mantissa).
-    """
+    """Loss of one batch, its parts (what the metrics log) and its keys for the queue (None for
+    a classifier trained end to end), for any method. ``supcon`` / ``pbsd``: the loss functions;
+    ``class_weight``: (C,) anchor weights (:func:`anchor_weights`); ``num_classes``: given, the losses
+    never wait for the device to find it; ``log_pi``: (C,) log priors of a logit-adjusted loss.
+    A multi-expert model's outputs go through :func:`contrastive_losses` each against its own queue,
+    their mean the batch's loss. Under ``precision: bf16`` only the networks run in bf16: the
+    losses take float32 (logits over a large queue at tau = 0.07 need the mantissa)."""
     views, labels = batch
     labels = labels.to(device, non_blocking=True)
     if not cfg.method_spec.contrastive:
@@ -173,20 +168,12 @@ def optimise(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Ten
 
 def compiled_step(net: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
                   **loss_options) -> Callable:
-    """``compile: step``: ``step(batch) -> (loss, parts)``, the stage-1 step passed whole through
-    ``torch.compile`` (``mode="reduce-overhead"`` on CUDA, to capture it as CUDA graphs; the default
-    mode on a CPU): what the eager loop does from :func:`stage1_losses` (``loss_options``: its
-    keywords) to :func:`optimise`, the momentum update, backward, the optimiser's step and the
-    enqueue included. Build it once per run; one process only.
-
-    Outside it stay the per-step seeding, the learning-rate write into ``optimizer.param_groups``
-    (floats there, as in the eager loop; the call hands them in as tensors, since a new float would
-    make torch.compile recompile), and the views: with ``data.pipeline: tensor`` the batch
-    iterator makes them on the device, a PIL batch is moved there, before the call. The finite-loss
-    check reads the returned loss after the update (the eager loop reads it before it; either way a
-    run stopped by it saves nothing newer). Dynamo breaks the graph at ``zero_grad`` and at
-    ``loss.backward()``; the pieces between are compiled.
-    """
+    """``compile: step``: ``step(batch) -> (loss, parts)``, the eager loop's work from
+    :func:`stage1_losses` (``loss_options``: its keywords) to :func:`optimise` passed whole through
+    ``torch.compile`` (``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA). Build it once per
+    run; one process only. Outside it stay the per-step seeding, the views and the learning rate
+    (handed in as tensors: a new float would make it recompile); the finite-loss check reads the
+    returned loss after the update (either way a run it stops saves nothing newer)."""
 
     loss_options = {name: value.to(device) if torch.is_tensor(value) else value for name, value in loss_options.items()}
 
@@ -268,10 +255,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
             run.metrics = done["metrics"]
             run.write_metrics()
             return done["model"], False
-    check_can_compile(cfg, rt.device)
-    if cfg.compile == "step" and rt.distributed:
-        raise ConfigError(f"compile: step runs in one process only, not in {rt.world_size} (DDP's gradient hooks "
-                          f"and the gathering of keys stay outside a compiled step); use compile: true or false")
+    check_can_compile(cfg, rt.device, rt.world_size)
     seed_everything(mix_seed(cfg.seed, 0))  # the initial weights depend on the seed alone
     model = prepare_model(build_stage1_model(cfg, splits.num_classes).to(rt.device), cfg)
     global_batch = p.batch_size

@@ -19,7 +19,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import atomic_write_text, config_differences, load_checkpoint, save_checkpoint, write_json, write_yaml
+from ..files import atomic_write_text, write_json, write_yaml
+from .checkpoint import config_differences, load_checkpoint, save_checkpoint
 
 FORMAT = 1
 

@@ -39,12 +39,17 @@ def to_device(images: torch.Tensor, device: torch.device, cfg: Config) -> torch.
     return images
 
 
-def check_can_compile(cfg: Config, device: torch.device) -> None:
+def check_can_compile(cfg: Config, device: torch.device, world_size: int = 1) -> None:
     """Refuse ``compile: true`` / ``step`` at the start of a run, naming the key, where this PyTorch
     cannot compile on ``device``: no ``torch.compile``, or (inductor's default backend on a CPU) no
-    C++ compiler among those inductor tries (``torch._inductor.config.cpp.cxx``: ``$CXX``, else g++)."""
+    C++ compiler among those inductor tries (``torch._inductor.config.cpp.cxx``: ``$CXX``, else g++);
+    and ``compile: step`` in more than one process (DDP's gradient hooks and the gathering of keys
+    stay outside a compiled step)."""
     if cfg.compile is False:
         return
+    if cfg.compile == "step" and world_size > 1:
+        raise ConfigError(f"compile: step runs in one process only, not in {world_size} (DDP's gradient hooks "
+                          f"and the gathering of keys stay outside a compiled step); use compile: true or false")
     if not callable(getattr(torch, "compile", None)):
         raise ConfigError(f"compile: {cfg.compile!r} needs torch.compile, which PyTorch {torch.__version__} lacks; "
                           f"set compile: false, or install PyTorch >= 2.0")

@@ -16,12 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from ..version import __version__
+from ..weights import run_folder
 from ..config import Config, load_config
 from ..data import DataSplits, eval_transform
 from ..data.images import is_image_file
 from ..errors import CheckpointError
 from ..models import Classifier, ExpertClassifier, build_backbone, build_classifier
-from .checkpoint import write_json
+from ..files import write_json
 from .distributed import resolve_device
 from .linear import backbone_from_stage1, selection_of
 from .rundir import RunDir
@@ -29,9 +30,6 @@ from .views import normalisation
 
 CARD = "model.json"
 CARD_KEYS = ("method", "backbone", "classes", "image_size", "mean", "std")
-# Weights published with dscl: slim run folders (``dscl export --format run``), named by
-# their path under this folder, e.g. "tinyimagenet-lt-r100/ce"; the table is its README.md.
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 _NATIVE_SIZE = {"synthetic": 32, "cifar10-lt": 32, "cifar100-lt": 32, "imagenet-lt": 224, "places-lt": 224,
                 "inat2018": 224}
 
@@ -63,7 +61,7 @@ def load_classifier(cfg: Config, run: RunDir, num_classes: int | None = None,
         path = run.checkpoint("pretrain")
         model = Classifier(build_backbone(cfg.model.backbone, zero_init_residual=False),
                            _classes_in(state, "fc.weight", num_classes, path))
-        _load_into(model, state, path)
+        load_weights(model, state, path)
         return model, {}
     path = run.checkpoint("linear_best")
     if not path.is_file():
@@ -78,8 +76,8 @@ def load_classifier(cfg: Config, run: RunDir, num_classes: int | None = None,
                               f"{cfg.model.backbone!r}: {exc}") from None
     weight = "weight" if cfg.model.experts == 1 else "linears.0.weight"  # ExpertLinear: one layer per expert
     model = build_classifier(backbone, _classes_in(best["fc"], weight, num_classes, path))
-    _load_into(model.fc, best["fc"], path)
-    _load_into(model.norm, best.get("norm", {}), path)
+    load_weights(model.fc, best["fc"], path)
+    load_weights(model.norm, best.get("norm", {}), path)
     return model, selection_of({"epoch": best.get("best_epoch"), "val": best.get("best_val")})
 
 
@@ -92,16 +90,12 @@ def _classes_in(state: dict, key: str, expected: int | None, path: Path) -> int:
     return weight.shape[0]
 
 
-def _load_into(module: nn.Module, state: dict, path: Path) -> None:
+def load_weights(module: nn.Module, state: dict, path: Path) -> None:
+    """``module.load_state_dict(state)``; weights that do not fit raise a CheckpointError naming ``path``."""
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: does not fit this run's model: {exc}") from None
-
-
-def load_weights(module: nn.Module, state: dict, path: Path) -> None:
-    """``module.load_state_dict(state)``; weights that do not fit raise a CheckpointError naming ``path``."""
-    _load_into(module, state, path)
 
 
 def preprocessing(size: int) -> str:
@@ -210,28 +204,6 @@ class TrainedClassifier:
         return self.classifier(images.to(self.device))  # (N, C) logits
 
 
-def published_names() -> list[str]:
-    """Names of the weights published with dscl, e.g. ``tinyimagenet-lt-r100/ce``."""
-    return sorted(str(p.parent.relative_to(WEIGHTS)) for p in WEIGHTS.rglob("config.yaml"))
-
-
-def run_folder(run_dir: str | Path) -> Path:
-    """``run_dir`` when it is a run folder; else the published weights of that name."""
-    path = Path(run_dir)
-    if (path / "config.yaml").is_file():
-        return path
-    if not path.exists() and str(run_dir) in published_names():
-        return WEIGHTS / str(run_dir)
-    if path.exists():
-        raise CheckpointError(f"{path}: not a dscl run folder (no config.yaml)")
-    raise CheckpointError(f"{path}: no such run folder, nor the name of published weights "
-                          f"({', '.join(published_names()) or 'none'})")
-
-
-def is_published(path: Path) -> bool:
-    return Path(path).resolve().is_relative_to(WEIGHTS)
-
-
 def read_run(run_dir: str | Path) -> tuple[RunDir, Config]:
     """The run folder ``run_dir`` (or the published weights of that name) opened for reading, and
     the config it was trained with; every checkpoint the RunDir loads is checked against that config."""
@@ -244,7 +216,7 @@ def read_run(run_dir: str | Path) -> tuple[RunDir, Config]:
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedClassifier:
     """The classifier of the run in ``run_dir`` (or of the published weights of that name, see
-    :func:`published_names`) with its class names and input normalisation."""
+    :func:`dscl.weights.published_names`) with its class names and input normalisation."""
     run, cfg = read_run(run_dir)
     path = run.path
     card = read_model_card(path, cfg)

@@ -11,7 +11,8 @@ from ..errors import ConfigError
 from ..data import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, TransformedDataset, ViewPatchTransform,
                     ce_train_transform, eval_transform, query_view_transform)
 from ..data import batched
-from .tensor_data import eval_batches, use_tensor_pipeline
+from ..data.loading import eval_batches
+from .loaders import pipeline_choice
 
 
 def _small(size: int) -> bool:
@@ -56,7 +57,7 @@ def linear_transform(cfg: Config, size: int, on_device: bool = False):
 
 def split_loader(cfg: Config, dataset: Dataset, size: int, device: torch.device):
     """:func:`eval_loader` of a split with the run's settings (data path, batch, workers)."""
-    return eval_loader(dataset, size, on_device=use_tensor_pipeline(cfg, dataset), batch=cfg.eval_batch_size,
+    return eval_loader(dataset, size, on_device=pipeline_choice(cfg, dataset)[0], batch=cfg.eval_batch_size,
                        device=device, num_workers=cfg.data.num_workers)
 
 
