@@ -42,7 +42,8 @@ def record(overrides):
     def recorder(name, fn):
         def call(*args, **kwargs):
             calls.append((name, [a.detach().clone() if torch.is_tensor(a) else a for a in args],
-                          {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
+                          {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()
+                           if k != "signals"}))  # the dict the loss fills, not an input
             return fn(*args, **kwargs)
         return call
 

@@ -85,3 +85,50 @@ def test_rejects_bad_shapes():
         patch_distillation_loss(teacher, student[:, :2], key, queue, queue_labels)
     with pytest.raises(ValueError):
         patch_distillation_loss(teacher, student, key[:2], queue, queue_labels)
+
+
+def reference_signals(teacher, student, key, queue, queue_labels, tau, tau_teacher):
+    """The signals patch by patch, over the explicit candidate list [k_i; valid queue]."""
+    valid = [m for m in range(queue.shape[0]) if int(queue_labels[m]) >= 0]
+    rows = {"pbsd_teacher_entropy": [], "pbsd_student_entropy": [], "pbsd_teacher_own": [], "pbsd_agreement": []}
+    for i in range(teacher.shape[0]):
+        candidates = torch.stack([key[i]] + [queue[m] for m in valid])
+        for j in range(teacher.shape[1]):
+            t = torch.softmax(candidates @ teacher[i, j] / tau_teacher, 0).double()
+            s = torch.softmax(candidates @ student[i, j] / tau, 0).double()
+            rows["pbsd_teacher_entropy"].append(-sum(p * torch.log(p) for p in t if p > 0))
+            rows["pbsd_student_entropy"].append(-sum(p * torch.log(p) for p in s if p > 0))
+            rows["pbsd_teacher_own"].append(t[0])
+            rows["pbsd_agreement"].append(float(int(t.argmax()) == int(s.argmax())))
+    return {name: float(sum(values) / len(values)) for name, values in rows.items()}
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 16, 12, 4), (3, 1, 8, 30, 29), (2, 5, 8, 0, 0)])
+@pytest.mark.parametrize("tau_teacher", [None, 0.04])
+def test_signals_match_reference(shape, tau_teacher):
+    """The training health signals the step logs, taken from the loss's own logits, against the
+    per-patch reference. Guards against: empty slots counted in an entropy (log(1 + K) wrong),
+    the teacher's temperature not applied to it, student and teacher swapped, agreement measured
+    on the queue alone (the own key, column 0, left out)."""
+    from dscl.losses import distillation_signals
+
+    inputs = random_inputs(*shape, seed=sum(shape))
+    signals = {}
+    loss = patch_distillation_loss(*inputs, temperature=0.2, teacher_temperature=tau_teacher, signals=signals)
+    assert set(signals) == set(reference_signals(*inputs, 0.2, tau_teacher or 0.2))
+    for name, expected in reference_signals(*inputs, 0.2, tau_teacher or 0.2).items():
+        assert float(signals[name]) == pytest.approx(expected, abs=1e-5), name
+    torch.testing.assert_close(loss, patch_distillation_loss(*inputs, temperature=0.2, teacher_temperature=tau_teacher))
+    assert {k: float(v) for k, v in distillation_signals(*inputs, 0.2, tau_teacher).items()} == \
+        {k: float(v) for k, v in signals.items()}
+
+
+def test_agreement_counts_the_own_key():
+    """Teacher and student both most sure of the own key: agreement 1, which a comparison over the
+    queue slots alone (or with the own key last) would not give."""
+    key = F.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=1)
+    queue = F.normalize(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.6, 0.8, 0.0]]), dim=1)
+    near_key = F.normalize(torch.tensor([[[1.0, 0.1, 0.0]]]), dim=2)
+    signals = {}
+    patch_distillation_loss(near_key, near_key.clone(), key, queue, torch.tensor([0, 1, 2]), signals=signals)
+    assert float(signals["pbsd_agreement"]) == 1.0 and float(signals["pbsd_teacher_own"]) > 0.5

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import Config
 from ..data import DataSplits
 from ..errors import ConfigError
-from ..losses import (decoupled_supcon_loss, distillation_signals, effective_number_weights, key_probability, log_prior,
+from ..losses import (decoupled_supcon_loss, effective_number_weights, key_probability, log_prior,
                       logit_adjusted_loss, patch_distillation_loss)
 from ..progress import progress
 from ..models import (Classifier, ContrastOutput, LabelledQueue, MomentumContrast, MultiExpertContrast, build_backbone,
@@ -142,10 +142,11 @@ def contrastive_losses(out: ContrastOutput, queue: LabelledQueue, *, labels: tor
         args = (out.teacher.float(), out.student.float(), key, queue.keys, queue.labels)
         temperatures = {"temperature": cfg.pretrain.temperature,
                         "teacher_temperature": cfg.pretrain.pbsd_teacher_temperature}
-        distill = pbsd(*args, **temperatures)
+        signals = {}  # what the teacher asks: entropies, agreement
+        distill = pbsd(*args, **temperatures, signals=signals)
         loss = loss + cfg.pretrain.pbsd_weight * distill
         parts["pbsd"] = distill
-        parts.update(distillation_signals(*args, **temperatures))  # what the teacher asks: entropies, agreement
+        parts.update(signals)
     parts["loss"] = loss
     return loss, parts, key
 

@@ -46,6 +46,7 @@ def patch_distillation_loss(
     queue_labels: Tensor,
     temperature: float = 0.07,
     teacher_temperature: float | None = None,
+    signals: dict | None = None,
 ) -> Tensor:
     """Mean PBSD loss over every patch of every anchor.
 
@@ -54,6 +55,8 @@ def patch_distillation_loss(
     key: (B, D) normalised keys ``k``; queue: (K, D); queue_labels: (K,), -1 marks empty slots.
     teacher_temperature: the teacher's softmax temperature; None: ``temperature`` (the paper's).
     A lower one sharpens the teacher, as DINO-style distillation does.
+    signals: a dict, when given, receives :func:`distillation_signals` of this batch, made from
+    the logits the loss computed anyway.
     """
     t_teacher = temperature if teacher_temperature is None else teacher_temperature
     _check(teacher, student, key, temperature, t_teacher)
@@ -65,10 +68,29 @@ def patch_distillation_loss(
     own_s, queue_s = _logits(student, key, queue, queue_labels, temperature)
     log_z = torch.logaddexp(own_s, torch.logsumexp(queue_s, 1))
     cross = weight_own * own_s + (weight_queue * queue_s).sum(1)  # sum_m t_m * student logit_m
+    if signals is not None:
+        signals.update(_signals(own_t - log_norm, queue_t, weight_own, weight_queue, own_s, queue_s, log_z))
     return (log_z - cross).mean()
 
 
 @torch.no_grad()
+def _signals(own_t: Tensor, queue_t: Tensor, p_own_t: Tensor, p_queue_t: Tensor, own_s: Tensor, queue_s: Tensor,
+             log_z: Tensor) -> dict[str, Tensor]:
+    """The signals from the teacher's log-probabilities and probabilities (own (N,), queue (N, K))
+    and the student's logits with their log-normaliser (N,)."""
+    own_s, queue_s = own_s - log_z, queue_s - log_z[:, None]  # the student's log-probabilities
+    entropy_t = -(p_own_t * own_t + (p_queue_t * queue_t).sum(1))  # empty slots: 0 * (-1e30) = 0
+    entropy_s = -(own_s.exp() * own_s + (queue_s.exp() * queue_s).sum(1))
+    return {"pbsd_teacher_entropy": entropy_t.mean(), "pbsd_student_entropy": entropy_s.mean(),
+            "pbsd_teacher_own": p_own_t.mean(),
+            "pbsd_agreement": (_most_likely(own_t, queue_t) == _most_likely(own_s, queue_s)).float().mean()}
+
+
+def _most_likely(own: Tensor, queue: Tensor) -> Tensor:
+    """(N,) index of the largest of [own; queue] per row: 0 for the own key (first, so it wins a tie)."""
+    return torch.cat([own[:, None], queue], 1).argmax(1)
+
+
 def distillation_signals(teacher: Tensor, student: Tensor, key: Tensor, queue: Tensor, queue_labels: Tensor,
                          temperature: float = 0.07, teacher_temperature: float | None = None) -> dict[str, Tensor]:
     """What PBSD asks of the student, per batch (means over every patch):
@@ -77,19 +99,13 @@ def distillation_signals(teacher: Tensor, student: Tensor, key: Tensor, queue: T
       the student's distribution over [own key; valid queue]; log(1 + K) is uniform;
     - ``pbsd_teacher_own``: the teacher's probability on the anchor's own key;
     - ``pbsd_agreement``: how often the student's most likely candidate is the teacher's.
+
+    The training step has them from :func:`patch_distillation_loss` (``signals=``) at no extra matmul.
     """
-    t_teacher = temperature if teacher_temperature is None else teacher_temperature
-    _check(teacher, student, key, temperature, t_teacher)
-    out = {}
-    for name, features, t in (("teacher", teacher, t_teacher), ("student", student, temperature)):
-        own, scores = _logits(features.float(), key, queue, queue_labels, t)
-        log_p = torch.cat([own[:, None], scores], 1).log_softmax(1)  # (B*L, 1 + K)
-        out[name] = log_p
-        out[f"pbsd_{name}_entropy"] = -(log_p.exp() * log_p).sum(1).mean()
-    teacher_log_p, student_log_p = out.pop("teacher"), out.pop("student")
-    out["pbsd_teacher_own"] = teacher_log_p[:, 0].exp().mean()
-    out["pbsd_agreement"] = (teacher_log_p.argmax(1) == student_log_p.argmax(1)).float().mean()
-    return out
+    signals = {}
+    with torch.no_grad():
+        patch_distillation_loss(teacher, student, key, queue, queue_labels, temperature, teacher_temperature, signals)
+    return signals
 
 
 class PatchDistillationLoss(nn.Module):
