@@ -466,3 +466,23 @@ def test_view_batches_through_a_dataloader():
     assert query.shape == key.shape == (4, 3, 32, 32)
     assert patches.shape == (4, 5, 3, 16, 16) and boxes.shape == (4, 5, 4)
     assert labels.shape == (4,)
+
+
+def test_folder_image_size_skips_unreadable_files_and_follows_the_native_size_rule(tmp_path):
+    """An image folder's side, for a finished run that did not record it: the first readable
+    training image's side when small and square, else 224; None without one.
+
+    Guards against: an unreadable first file deciding the size; a large or non-square image
+    taken at its own side; a missing folder raising instead of returning None."""
+    from PIL import Image
+
+    from dscl.data.datasets import folder_image_size
+
+    assert folder_image_size(None) is None and folder_image_size(str(tmp_path / "absent")) is None
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "a" / "0.png").write_bytes(b"not an image")
+    assert folder_image_size(str(tmp_path)) is None
+    Image.new("RGB", (32, 32)).save(tmp_path / "train" / "a" / "1.png")
+    assert folder_image_size(str(tmp_path)) == 32
+    Image.new("RGB", (40, 30)).save(tmp_path / "train" / "a" / "0.png")
+    assert folder_image_size(str(tmp_path)) == 224

@@ -23,6 +23,7 @@ from dscl.models import Classifier, build_backbone
 def test_linear_stage_leaves_backbone_bitwise_unchanged(tmp_path, tiny_overrides):
     cfg = load_config(None, tiny_overrides)
     splits = load_data(cfg)
+    seed_everything(0)  # the random backbone, not whatever the tests before left in the generator
     backbone = build_backbone("resnet32")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     run = RunDir(tmp_path)

@@ -9,6 +9,7 @@ engine never sees a malformed split.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dscl.data.images import ArrayDataset, ImageListDataset, find_bad_images, load_rgb
+from dscl.data.images import ArrayDataset, ImageListDataset, find_bad_images, is_image_file, load_rgb
 from dscl.data.longtail import holdout_indices, longtail_counts, longtail_indices
 from dscl.data.readers import (read_coco_json, read_image_folder, read_split_json,
                                read_split_text)
@@ -147,13 +148,26 @@ def _cifar(name: str, root: str, ratio: float, default: bool, val_per_class: int
 
 
 def _native_size(path: str) -> int:
-    """Side of small square images (<= 64 px, e.g. CIFAR as JPEG), else 224."""
+    """Side of small square images (<= 64 px, e.g. CIFAR as JPEG), else 224 (also when unreadable:
+    build_splits raises or drops the image later)."""
+    return _square_side(path) or 224
+
+
+def _square_side(path) -> int | None:
     try:
         with Image.open(path) as img:
             w, h = img.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return 224  # unreadable: build_splits raises or drops it later
+        return None
     return w if w == h and w <= 64 else 224
+
+
+def folder_image_size(root: str | None) -> int | None:
+    """The side an image folder's run uses (:func:`_native_size` of its first readable training
+    image), or None when ``root/train`` holds none, for a run folder that did not record it."""
+    train = Path(root or "") / "train"
+    files = sorted(p for p in train.rglob("*") if is_image_file(p.name)) if root and train.is_dir() else []
+    return next((side for side in map(_square_side, files) if side is not None), None)
 
 
 def _imagefolder(root: str, ratio: float | None, val_per_class: int, profile: str,

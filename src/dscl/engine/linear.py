@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import Config
+from ..config import Config, LinearConfig
 from ..data import ClassBalancedSampler, DataSplits, NaturalSampler
 from ..errors import NumericalError
 from ..losses import log_prior
@@ -110,34 +110,10 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
         splits.train.targets, num_samples=steps * local_batch * rt.world_size, seed=mix_seed(cfg.seed, 5) % 2**31,
         rank=rt.rank, world_size=rt.world_size)
     log_pi = None if balanced else log_prior(splits.train_counts).to(rt.device)
-    if lc.augment:
-        batches = EpochBatches(cfg, splits.train, lambda on_device: linear_transform(cfg, splits.image_size, on_device),
-                               rt, batch=local_batch, seed=cfg.seed + 1)
-
-        def epoch_features(order, epoch, start_step):
-            for images, labels in batches.epoch(order, epoch, start_step):
-                with torch.no_grad(), autocast(cfg, rt.device):  # no yield inside: it would hold no_grad
-                    features = backbone(to_device(images, rt.device, cfg)).float()
-                yield features, labels.to(rt.device)
-    else:
-        def epoch_features(order, epoch, start_step):
-            order = torch.as_tensor(order, device=rt.device)
-            for step in range(start_step, steps):
-                index = order[step * local_batch : (step + 1) * local_batch]
-                yield train_cache[0][index], train_cache[1][index]
-    val = None  # the backbone is frozen: validation features are the same every epoch
-    if splits.val is not None:
-        val = clean_features(backbone, cfg, splits.val, splits.image_size, rt, "validation features")
-    how = "class-balanced" if balanced else f"natural sampling, logit-adjusted loss (tau {lc.la_tau:g})"
-    run.log(f"stage 2: {how}, {steps} steps/epoch, effective batch {local_batch * rt.world_size}, "
-            f"lr {lc.lr:g}, "
-            + ("standardised " if lc.standardize else "raw ")
-            + ("features of fresh augmented views, " if lc.augment
-               else "features of the un-augmented images (extracted once), ")
-            + ("best epoch chosen on validation" if val is not None and lc.select == "best"
-               else "last epoch kept (linear.select: last)" if val is not None
-               else "no validation split: last epoch kept"))
-
+    epoch_features = feature_batches(cfg, splits, rt, backbone, train_cache, local_batch, steps)
+    val = (None if splits.val is None  # the backbone is frozen: validation features are the same every epoch
+           else clean_features(backbone, cfg, splits.val, splits.image_size, rt, "validation features"))
+    run.log(f"stage 2: {describe_stage2(lc, val is not None, steps, local_batch * rt.world_size)}")
     for epoch in range(start_epoch, lc.epochs):
         lr = lc.lr * lc.gamma ** sum(epoch >= m for m in lc.milestones)
         set_lr(optimizer, lr)
@@ -181,6 +157,39 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
                                               "norm": model.norm.state_dict(), "best_epoch": best["epoch"],
                                               "best_val": best["val"], "complete": True})
     return model, selection
+
+
+def feature_batches(cfg: Config, splits: DataSplits, rt: Runtime, backbone: nn.Module, train_cache, local_batch: int,
+                    steps: int):
+    """``epoch_features(order, epoch, start_step)``: stage 2's (features, labels) batches, of fresh
+    augmented views (``linear.augment``) or rows of ``train_cache`` (un-augmented, extracted once)."""
+    if cfg.linear.augment:
+        batches = EpochBatches(cfg, splits.train, lambda on_device: linear_transform(cfg, splits.image_size, on_device),
+                               rt, batch=local_batch, seed=cfg.seed + 1)
+
+        def epoch_features(order, epoch, start_step):
+            for images, labels in batches.epoch(order, epoch, start_step):
+                with torch.no_grad(), autocast(cfg, rt.device):  # no yield inside: it would hold no_grad
+                    features = backbone(to_device(images, rt.device, cfg)).float()
+                yield features, labels.to(rt.device)
+    else:
+        def epoch_features(order, epoch, start_step):
+            order = torch.as_tensor(order, device=rt.device)
+            for step in range(start_step, steps):
+                index = order[step * local_batch : (step + 1) * local_batch]
+                yield train_cache[0][index], train_cache[1][index]
+    return epoch_features
+
+
+def describe_stage2(lc: LinearConfig, has_val: bool, steps: int, batch: int) -> str:
+    """How stage 2 trains and which epoch it keeps, for the run's log."""
+    how = ("class-balanced" if lc.rebalance == "sampler"
+           else f"natural sampling, logit-adjusted loss (tau {lc.la_tau:g})")
+    features = "features of " + ("fresh augmented views" if lc.augment else "the un-augmented images (extracted once)")
+    kept = ("best epoch chosen on validation" if has_val and lc.select == "best"
+            else "last epoch kept (linear.select: last)" if has_val else "no validation split: last epoch kept")
+    return (f"{how}, {steps} steps/epoch, effective batch {batch}, lr {lc.lr:g}, "
+            f"{'standardised' if lc.standardize else 'raw'} {features}, {kept}")
 
 
 DIVERGENCE_FACTOR = 3.0

@@ -33,7 +33,7 @@ from .rundir import RunDir
 from ..seeding import mix_seed, seed_everything
 from .evaluate import extract_features, knn_predict
 from .experts import mean_over_experts
-from .step import (EpochMeter, LastCheckpoint, autocast, check_can_compile, prepare_model, set_lr, stop_if_not_finite,
+from .step import (EpochMeter, FiniteCheck, LastCheckpoint, autocast, check_can_compile, prepare_model, set_lr,
                    to_device, unwrap)
 from .views import split_loader, stage1_transform
 
@@ -149,9 +149,6 @@ def contrastive_losses(out: ContrastOutput, queue: LabelledQueue, *, labels: tor
         parts.update(signals)
     parts["loss"] = loss
     return loss, parts, key
-
-
-CHECK_EVERY = 25  # stage-1 steps between two reads of the loss on a GPU
 
 
 def optimise(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
@@ -283,7 +280,6 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
                            rt, batch=local_batch, seed=cfg.seed)
     run.log(batches.describe())
     compiled = compiled_step(net, optimizer, cfg, rt.device, **options) if cfg.compile == "step" else None
-
     total_steps, warmup = p.epochs * steps, p.warmup_epochs * steps
     for epoch in range(start_epoch, p.epochs):
         order = shuffled_order(len(splits.train), cfg.seed, epoch, rt, steps, local_batch)
@@ -292,7 +288,7 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
         meter = EpochMeter()
         bar = progress(loader, desc=f"pretrain {epoch + 1}/{p.epochs}", initial=start_step, total=steps,
                    enabled=rt.is_main, leave=False)
-        unchecked, first = None, start_step
+        check = FiniteCheck(rt.device, start_step, f"the last good checkpoint is {last.path}")
         for step, batch in enumerate(bar, start=start_step):
             torch.manual_seed(mix_seed(cfg.seed, epoch, step, rt.rank, 3))  # key shuffle etc.
             lr = warmup_cosine(base_lr, epoch * steps + step, total_steps, warmup)
@@ -301,17 +297,9 @@ def pretrain(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, resume: 
                 loss, parts, keys = stage1_losses(net, batch, cfg, rt.device, **options)
             else:  # compile: step: the whole step, optimiser's step and enqueue included
                 loss, parts = compiled(batch)
-            # The sum of the losses since the last check is finite iff each of them is. Reading it
-            # makes the host wait for the device, so a GPU reads it every CHECK_EVERY steps only
-            # (and before a checkpoint): the host queues the next steps meanwhile.
-            unchecked = loss.detach() if unchecked is None else unchecked + loss.detach()
             save_due = last.due(step, steps)
-            if rt.device.type != "cuda" or (step + 1) % CHECK_EVERY == 0 or step + 1 == steps or save_due:
-                span = f"step {step + 1}" if first == step else f"steps {first + 1} to {step + 1}"
-                stop_if_not_finite(unchecked, f"stage 1, epoch {epoch + 1}, {span}",
-                                   f"the last good checkpoint is {last.path}")
+            if check.add(loss, f"stage 1, epoch {epoch + 1}", step, steps, now=save_due):
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-                unchecked, first = None, step + 1
             if compiled is None:
                 optimise(net, optimizer, loss, keys, batch[1])
             meter.add(parts)

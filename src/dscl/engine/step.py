@@ -1,6 +1,7 @@
 """What every training step and epoch of both stages shares: autocast, moving batches to the device,
-channels-last and compiled encoders, the finite-loss check across processes, unwrapping DDP, the
-learning-rate write, the resumable ``<stage>_last.pt`` checkpoint and the epoch's metrics row."""
+channels-last and compiled encoders, the finite-loss check across processes (every step, or every
+few on a GPU), unwrapping DDP, the learning-rate write, the resumable ``<stage>_last.pt``
+checkpoint and the epoch's metrics row."""
 
 from __future__ import annotations
 
@@ -24,6 +25,27 @@ def stop_if_not_finite(loss: torch.Tensor, where: str, hint: str) -> None:
     if bad.item():
         raise NumericalError(f"{where}: the loss is not finite in {int(bad.item())} process(es) "
                              f"(here: {loss.item()}); {hint}")
+
+
+class FiniteCheck:
+    """Stage 1's losses summed on the device (finite iff each is), read every step; on a GPU every
+    ``CHECK_EVERY`` steps, at the epoch's end and before a checkpoint only (a read makes the host wait)."""
+
+    CHECK_EVERY = 25
+
+    def __init__(self, device: torch.device, first_step: int, hint: str):
+        self.every = 1 if device.type != "cuda" else self.CHECK_EVERY
+        self.unchecked, self.first, self.hint = None, first_step, hint
+
+    def add(self, loss: torch.Tensor, where: str, step: int, steps: int, now: bool = False) -> bool:
+        """Add step ``step``'s loss (0-based, of ``steps``); True when the sum was read (and finite)."""
+        self.unchecked = loss.detach() if self.unchecked is None else self.unchecked + loss.detach()
+        if not (now or (step + 1) % self.every == 0 or step + 1 == steps):
+            return False
+        span = f"step {step + 1}" if self.first == step else f"steps {self.first + 1} to {step + 1}"
+        stop_if_not_finite(self.unchecked, f"{where}, {span}", self.hint)
+        self.unchecked, self.first = None, step + 1
+        return True
 
 
 def autocast(cfg: Config, device: torch.device):

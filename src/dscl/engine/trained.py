@@ -19,7 +19,7 @@ from ..version import __version__
 from ..weights import run_folder
 from ..config import Config, load_config
 from ..data import DataSplits, eval_transform
-from ..data.images import is_image_file
+from ..data.datasets import folder_image_size
 from ..errors import CheckpointError
 from ..models import Classifier, ExpertClassifier, build_backbone, build_classifier
 from ..files import write_json
@@ -133,7 +133,7 @@ def read_model_card(path: Path, cfg: Config) -> dict:
             raise CheckpointError(f"{card_path}: not a dscl model card (missing {', '.join(missing)})")
         return card
     results = _read_json(path / "results.json") if (path / "results.json").is_file() else {}
-    size = cfg.data.image_size or _NATIVE_SIZE.get(cfg.data.name) or _folder_image_size(cfg.data.root)
+    size = cfg.data.image_size or _NATIVE_SIZE.get(cfg.data.name) or folder_image_size(cfg.data.root)
     if size is None:
         raise CheckpointError(f"{card_path}: missing (a run from before dscl wrote it), and the image size cannot be "
                               f"told without the images under data.root {cfg.data.root}; set data.image_size in "
@@ -153,23 +153,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(values, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return values
-
-
-def _folder_image_size(root: str | None) -> int | None:
-    """The size dscl gives an image folder: the side of small square images, else 224."""
-    train = Path(root or "") / "train"
-    if not root or not train.is_dir():
-        return None
-    from PIL import Image
-
-    for file in sorted(p for p in train.rglob("*") if is_image_file(p.name)):
-        try:
-            with Image.open(file) as img:
-                w, h = img.size
-        except (OSError, ValueError, SyntaxError):
-            continue
-        return w if w == h and w <= 64 else 224
-    return None
 
 
 @dataclass
