@@ -1,7 +1,8 @@
-"""The prepared GPU check: ImageNet-size throughput and the full CIFAR-10-LT protocol.
+"""The prepared GPU check: ImageNet-size throughput and the full CIFAR-10-LT protocol (or another
+recipe's runs, e.g. Imagenette-LT's).
 
-    python benchmarks/gpu_check.py --out OUT [--cifar DIR_OR_TARBALL] [--budget SECONDS] [--smoke]
-                                   [--run METHOD[:KEY=VALUE...]] ... [--set KEY=VALUE] ...
+    python benchmarks/gpu_check.py --out OUT [--data DIR_OR_TARBALL] [--recipe CONFIG] [--budget SECONDS]
+                                   [--smoke] [--run METHOD[:KEY=VALUE...]] ... [--set KEY=VALUE] ...
 
 Everything goes under OUT/<the GPU's name> (OUT/cpu without one).
 
@@ -10,16 +11,20 @@ Everything goes under OUT/<the GPU's name> (OUT/cpu without one).
    of 64 px): the reference and the optimised DSCL + PBSD step in fp32 and bf16, then the
    optimised bf16 step with channels_last, without and with torch.compile. Each line also times
    the plain CE step of the same backbone, so ``measured_ratio`` stands beside ``flop_ratio``.
-3. When ``--cifar`` names the cifar10-jpeg folder or archive: the 200 + 40-epoch CIFAR-10-LT
-   ratio-100 recipe (configs/...-200e_cifar10-lt-r100.yaml, data resident on the GPU) for every
-   ``--run`` (default: ce, ce-la, scl, dscl, dscl+pbsd), all at once as separate processes on
-   the one GPU, until the budget's deadline; a run still going then is stopped and reported with
-   the epochs it finished. Each run with a validation split also gives the row of its classifier
-   with post-hoc logit adjustment (tau chosen on validation): "ce + posthoc-la" is the strongest
-   baseline of the Tiny-ImageNet-LT table.
+3. When ``--data`` (or ``--cifar``) names an image folder or its archive: ``--recipe``'s runs on
+   it, by default the 200 + 40-epoch CIFAR-10-LT ratio-100 recipe
+   (configs/...-200e_cifar10-lt-r100.yaml, data resident on the GPU) on the cifar10-jpeg folder,
+   for every ``--run`` (default: ce, ce-la, scl, dscl, dscl+pbsd), all at once as separate
+   processes on the one GPU, until the budget's deadline; a run still going then is stopped and
+   reported with the epochs it finished. Each run with a validation split also gives the row of
+   its classifier with post-hoc logit adjustment (tau chosen on validation): "ce + posthoc-la" is
+   the strongest baseline of the Tiny-ImageNet-LT table. Imagenette-LT's evidence for PBSD on
+   photographs, for one: ``--recipe configs/dscl-pbsd_resnet18_b128-cos-30e_imagenette-lt-r100.yaml
+   --data imagenette2-224.tar.gz --set data.num_workers=2 --run ce --run dscl --run dscl+pbsd
+   --run dscl:seed=1 --run dscl+pbsd:seed=1``.
 
-Every figure is written under OUT as soon as it exists (bench.jsonl / bench.md, cifar.jsonl /
-cifar.md, runs.tar.gz with the run folders less their checkpoints), so a check stopped at a time
+Every figure is written under OUT as soon as it exists (bench.jsonl / bench.md, runs.jsonl /
+runs.md, runs.tar.gz with the run folders less their checkpoints), so a check stopped at a time
 limit still leaves what it finished. ``--smoke`` shrinks every size and budget so the same
 script can be checked end to end on a CPU.
 """
@@ -112,12 +117,13 @@ def device_folder(env: dict) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
-def cifar_folder(path: Path, scratch: Path) -> Path:
+def data_folder(path: Path, scratch: Path) -> Path:
+    """The image folder (the one holding ``train/``) of ``path``, a folder or its archive."""
     if path.is_dir():
         return path
     with tarfile.open(path) as tar:
-        tar.extractall(scratch, filter="data")
-    return next(p.parent.parent for p in scratch.rglob("train/airplane"))
+        tar.extractall(scratch / "data", filter="data")
+    return min((p.parent for p in (scratch / "data").rglob("train") if p.is_dir()), key=lambda p: len(p.parts))
 
 
 def run_name(spec: str) -> tuple[str, list[str]]:
@@ -127,23 +133,24 @@ def run_name(spec: str) -> tuple[str, list[str]]:
     return name, [f"method={method}", *sets]
 
 
-def start_runs(specs, root: Path, scratch: Path, common: list[str], smoke: bool) -> dict:
-    sets = [f"data.root={root}", "data.name=imagefolder", "data.pipeline=tensor", "checkpoint_every_steps=0", *common]
+def start_runs(specs, recipe: Path, root: Path, scratch: Path, common: list[str], smoke: bool) -> dict:
+    # data.pipeline as the recipe says: auto takes the on-device path for CIFAR's 32-px images
+    sets = [f"data.root={root}", "data.name=imagefolder", "checkpoint_every_steps=0", *common]
     if smoke:
         sets += ["pretrain.epochs=1", "pretrain.warmup_epochs=0", "pretrain.steps_per_epoch=2", "linear.epochs=1",
                  "linear.steps_per_epoch=2", "pretrain.batch_size=16", "linear.milestones=[]",
-                 "data.imbalance_ratio=10", "data.val_per_class=2"]  # a small fake CIFAR-10 tree will do
+                 "data.imbalance_ratio=10", "data.val_per_class=2"]  # a small fake tree will do
     runs = {}
     for spec in specs:
         name, own = run_name(spec)
         folder = scratch / "runs" / name
-        cmd = [sys.executable, "-m", "dscl", "run", "--config", str(CIFAR_RECIPE), "--out", str(folder),
+        cmd = [sys.executable, "-m", "dscl", "run", "--config", str(recipe), "--out", str(folder),
                *[x for s in [*sets, *own] for x in ("--set", s)]]
         log = open(scratch / f"{name}.out", "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1" if smoke else "2"})
         runs[name] = {"proc": proc, "folder": folder, "tic": time.time(), "wall": None,
-                      "command": " ".join(["dscl", *cmd[3:]]).replace(str(root), "CIFAR10_JPEG")
+                      "command": " ".join(["dscl", *cmd[3:]]).replace(str(root), "DATA")
                       .replace(str(folder), f"runs/{name}").replace(str(ROOT) + "/", "")}
         print(f"started {name}", flush=True)
     return runs
@@ -204,17 +211,17 @@ def bench_phase(args, deadline: float) -> None:
     print(f"bench done after {time.time() - tic:.0f} s", flush=True)
 
 
-def cifar_phase(args, deadline: float) -> None:
+def runs_phase(args, deadline: float) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        root = cifar_folder(args.cifar, scratch)
-        runs = start_runs(args.runs or DEFAULT_RUNS, root, scratch, args.set, args.smoke)
+        root = data_folder(args.data, scratch)
+        runs = start_runs(args.runs or DEFAULT_RUNS, args.recipe, root, scratch, args.set, args.smoke)
         wait_runs(runs, deadline)
         for name, r in runs.items():
             for row in summarise_run(name, r):
-                append_jsonl(args.out / "cifar.jsonl", row)
+                append_jsonl(args.out / "runs.jsonl", row)
                 print(json.dumps(row), flush=True)
-        write_table(args.out / "cifar.jsonl", args.out / "cifar.md", RUN_FIELDS)
+        write_table(args.out / "runs.jsonl", args.out / "runs.md", RUN_FIELDS)
         with tarfile.open(args.out / "runs.tar.gz", "w:gz") as tar:
             for name, r in runs.items():
                 tar.add(scratch / f"{name}.out", arcname=f"runs/{name}.out")
@@ -226,17 +233,18 @@ def cifar_phase(args, deadline: float) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--cifar", type=Path, help="cifar10-jpeg folder or .tar.gz")
+    parser.add_argument("--data", "--cifar", type=Path, help="the runs' image folder or its .tar.gz (cifar10-jpeg)")
+    parser.add_argument("--recipe", type=Path, default=CIFAR_RECIPE, help="the runs' config (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and budgets, to check the script on a CPU")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole check")
     parser.add_argument("--bench-budget", type=float, default=240.0, help="seconds for the bench lines")
-    parser.add_argument("--cifar-first", action="store_true",
-                        help="the CIFAR-10-LT runs first, the bench lines in the last --bench-budget seconds")
+    parser.add_argument("--runs-first", "--cifar-first", action="store_true",
+                        help="the runs first, the bench lines in the last --bench-budget seconds")
     parser.add_argument("--bench-cases", help="comma-separated indices of the bench lines to run (default: all)")
     parser.add_argument("--run", action="append", dest="runs", metavar="METHOD[:KEY=VALUE...]",
-                        help=f"a CIFAR-10-LT run (repeatable); default: {', '.join(DEFAULT_RUNS)}")
+                        help=f"a run of the recipe (repeatable); default: {', '.join(DEFAULT_RUNS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="an override for every CIFAR-10-LT run (repeatable)")
+                        help="an override for every run (repeatable)")
     args = parser.parse_args(argv)
     tic = time.time()
     env = environment()
@@ -244,12 +252,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
     print(json.dumps(env), flush=True)
-    if args.cifar and args.cifar_first:
-        cifar_phase(args, deadline=tic + args.budget - args.bench_budget)
-    bench_end = args.budget if args.cifar_first or not args.cifar else min(args.bench_budget, args.budget - 60)
+    if args.data and args.runs_first:
+        runs_phase(args, deadline=tic + args.budget - args.bench_budget)
+    bench_end = args.budget if args.runs_first or not args.data else min(args.bench_budget, args.budget - 60)
     bench_phase(args, deadline=tic + bench_end)
-    if args.cifar and not args.cifar_first:
-        cifar_phase(args, deadline=tic + args.budget - 15)
+    if args.data and not args.runs_first:
+        runs_phase(args, deadline=tic + args.budget - 15)
     print(f"gpu check done after {time.time() - tic:.0f} s; figures in {args.out}", flush=True)
     return 0
 

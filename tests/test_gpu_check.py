@@ -35,15 +35,47 @@ def test_gpu_check_smoke_on_a_fake_cifar_tree(tmp_path):
     assert json.loads((folder / "env.json").read_text())["gpu"] is None
     bench = [json.loads(line) for line in (folder / "bench.jsonl").read_text().splitlines()]
     assert len(bench) == 1 and all("error" not in b and b["images_per_s"] > 0 for b in bench), bench
-    rows = {r["run"]: r for r in map(json.loads, (folder / "cifar.jsonl").read_text().splitlines())}
+    rows = {r["run"]: r for r in map(json.loads, (folder / "runs.jsonl").read_text().splitlines())}
     runs = ["ce", "dscl-pbsd"]  # the default list is checked below: running all five takes minutes here
     assert all(rows[r]["status"] == "exit 0" and 0 <= rows[r]["overall"] <= 100 for r in runs), rows
     adjusted = [r for r in rows if r.startswith("ce + posthoc-la (tau ")]
     assert len(adjusted) == 1 and rows[adjusted[0]]["few"] == rows[adjusted[0]]["few"]
-    assert "| dscl-pbsd |" in (folder / "cifar.md").read_text() and (folder / "bench.md").is_file()
+    assert "| dscl-pbsd |" in (folder / "runs.md").read_text() and (folder / "bench.md").is_file()
     with tarfile.open(folder / "runs.tar.gz") as tar:
         names = tar.getnames()
     assert all(f"runs/{r}/results.json" in names for r in runs) and not any("/checkpoints" in n for n in names)
+
+
+def test_gpu_check_runs_another_recipe_from_an_archive(tmp_path):
+    """``--recipe`` and ``--data`` with an archive: Imagenette-LT's runs (per-image path, 128-px
+    views, its val/ folder as the test split), two seeds of one method, no bench line.
+
+    Guards against: the runs taking the CIFAR recipe whatever --recipe says; an archive whose
+    folder is not found unless it holds CIFAR's class names; the on-device path forced on a
+    recipe whose images it refuses; two seeds of one method writing to one run folder."""
+    tree = tmp_path / "imagenette2-224"
+    for c in range(10):
+        for split, n in (("train", 12), ("val", 2)):
+            (tree / split / f"n{c:08d}").mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (48, 48), (25 * c, 60 + i, 200 - 15 * c)).save(tree / split / f"n{c:08d}" / f"{i}.jpg")
+    with tarfile.open(tmp_path / "imagenette.tar.gz", "w:gz") as tar:
+        tar.add(tree, arcname="imagenette2-224")
+    out = tmp_path / "out"
+    recipe = ROOT / "configs" / "dscl-pbsd_resnet18_b128-cos-30e_imagenette-lt-r100.yaml"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(out), str(tmp_path / "imagenette.tar.gz"),
+                           "--smoke", "--recipe", str(recipe), "--bench-cases", "", "--set", "data.image_size=32",
+                           "--set", "pretrain.patch_size=16", "--run", "dscl+pbsd", "--run", "dscl+pbsd:seed=1"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "cpu" / "runs.jsonl").read_text().splitlines()]
+    assert [r["run"] for r in rows if "posthoc" not in r["run"]] == ["dscl-pbsd", "dscl-pbsd_seed-1"]
+    assert all(r["status"] == "exit 0" and r["epochs_done"] == 1 for r in rows), rows
+    assert all("--config configs/dscl-pbsd_resnet18_b128-cos-30e_imagenette-lt-r100.yaml" in r["command"]
+               and "data.root=DATA" in r["command"] for r in rows)
+    with tarfile.open(out / "cpu" / "runs.tar.gz") as tar:
+        config = tar.extractfile("runs/dscl-pbsd_seed-1/config.yaml").read().decode()
+    assert "seed: 1" in config and "pipeline: pil" in config and "test_folder: val" in config
 
 
 def test_default_runs_are_methods_and_the_strongest_baseline_is_among_them():
