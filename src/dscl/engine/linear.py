@@ -80,11 +80,10 @@ def selection_of(best: dict) -> dict:
 
 
 def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, backbone: nn.Module,
-                 resume: bool) -> tuple[Classifier | ExpertClassifier, dict]:
-    """Train the classifier; returns backbone + the selected linear layer (on ``rt.device``) and
-    :func:`selection_of` the kept epoch. A multi-expert backbone gets a linear layer (and a
-    standardiser) per expert, each trained on its own cross-entropy; the kept epoch is the
-    ensemble's best."""
+                 resume: bool, after_epoch=None) -> tuple[Classifier | ExpertClassifier, dict]:
+    """Train the classifier; returns backbone + the selected linear layer (on ``rt.device``) and :func:`selection_of`
+    the kept epoch. A multi-expert backbone gets a linear layer (and a standardiser) per expert, each trained on its
+    own cross-entropy; the kept epoch is the ensemble's best. ``after_epoch(epoch, model)`` sees each epoch's model."""
     lc = cfg.linear
     backbone = backbone.to(rt.device)
     snapshot = freeze(backbone)
@@ -146,6 +145,8 @@ def train_linear(cfg: Config, splits: DataSplits, rt: Runtime, run: RunDir, back
             best = {"epoch": epoch + 1, "val": row["val_top1"] if on_val else None,
                     "fc": {k: v.clone() for k, v in model.fc.state_dict().items()}}
         run.add_metrics(row)
+        if after_epoch is not None:
+            after_epoch(epoch + 1, model)
         start_step = 0
         last.save(epoch + 1, 0, best=best, start_loss=start_loss)
     assert_unchanged(backbone, snapshot)
