@@ -78,7 +78,8 @@ def trailing_mean(values: torch.Tensor, window: int) -> torch.Tensor:
 def choices(correct: torch.Tensor, smooth: int) -> dict[str, int]:
     """0-based epochs chosen from the (E, n) right / wrong table of a validation (sub)set."""
     accuracy = correct.double().mean(1)
-    return {"best": int(accuracy.argmax()), f"best of {smooth}-epoch mean": int(trailing_mean(accuracy, smooth).argmax()),
+    smoothed = trailing_mean(accuracy, smooth)
+    return {"best": int(accuracy.argmax()), f"best of {smooth}-epoch mean": int(smoothed.argmax()),
             "last": len(accuracy) - 1}
 
 
