@@ -1,0 +1,101 @@
+"""The README's and RESULTS.md's tables of real runs, recomputed from the run files they cite.
+
+Each row names its seeds; its figures must be the mean and the sample std (n - 1) over those
+seeds' ``results.json`` (``posthoc_la`` for a post-hoc row), to the one decimal shown.
+
+Guards against: a figure typed by hand that no run gave (or a run file changed after the table);
+a seed left out of a mean or a seed named that has no run; the population std (n) where the
+tables say sample std; a post-hoc row filled from the plain classifier, or the reverse.
+"""
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+TINY = RESULTS / "tinyimagenet-lt-r100-30e"
+CIFAR = RESULTS / "cifar10-lt-r100-30e"
+
+# (document, the heading the table follows, {row label prefix: (run folder, post-hoc row?)})
+TABLES = [
+    ("README.md", "## Does it beat what practitioners use?", {
+        "ce + post-hoc": (TINY / "method-ce", True), "ce-la": (TINY / "method-ce-la", False),
+        "crt": (TINY / "method-crt", False), "ce (plain": (TINY / "method-ce", False),
+        "dscl": (TINY / "method-dscl", False)}),
+    ("docs/RESULTS.md", "**Measured so far: seeds 0 and 1", {
+        "ce (end to end)": (TINY / "method-ce", False), "ce + post-hoc": (TINY / "method-ce", True),
+        "crt": (TINY / "method-crt", False), "ce-la": (TINY / "method-ce-la", False),
+        "dscl (alpha 0.3": (TINY / "method-dscl", False)}),
+    ("README.md", "## CIFAR-10-LT at a CPU budget", {
+        "ce (end to end)": (CIFAR / "method-ce", False), "scl+pbsd": (CIFAR / "method-scl-pbsd", False),
+        "scl": (CIFAR / "method-scl", False),
+        "dscl+pbsd, paper's alpha 0.1": (CIFAR / "method-dscl-pbsd", False),
+        "dscl, paper's alpha 0.1": (CIFAR / "method-dscl", False),
+        "dscl+pbsd": (CIFAR / "method-dscl-pbsd_pretrain.alpha-0.3", False),
+        "dscl": (CIFAR / "method-dscl_pretrain.alpha-0.3", False)}),
+]
+COLUMNS = {"Many": "many", "Medium": "medium", "Few": "few", "Overall": "overall", "val": "val_top1"}
+
+
+def table_after(document: str, heading: str) -> list[dict]:
+    """The first Markdown table after ``heading``, as {column: cell} rows."""
+    text = (ROOT / document).read_text(encoding="utf-8")
+    assert heading in text, f"{document}: no '{heading}'"
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+def run_figures(folder: Path, seed: int, posthoc: bool) -> dict:
+    results = json.loads((folder / f"seed{seed}" / "results.json").read_text())
+    if not posthoc:
+        return results
+    adjusted = results.get("posthoc_la")
+    if adjusted is None:  # a run from before results.json held it: dscl evaluate --logit-adjust wrote it
+        adjusted = json.loads((folder / f"seed{seed}" / "evaluations" / "posthoc-la.json").read_text())
+    return adjusted
+
+
+def parse_cell(cell: str) -> tuple[float, float | None]:
+    match = re.fullmatch(r"\**(-?[\d.]+)(?: ± ([\d.]+))?\**", cell)
+    assert match, f"not a figure: {cell!r}"
+    return float(match[1]), None if match[2] is None else float(match[2])
+
+
+@pytest.mark.parametrize("document,heading,rows", TABLES, ids=[f"{d}: {h}" for d, h, _ in TABLES])
+def test_published_table_recomputes_from_its_run_files(document, heading, rows):
+    table = table_after(document, heading)
+    checked = set()
+    for row in table:
+        label = row["method"]
+        matches = [prefix for prefix in rows if label.startswith(prefix)]
+        if not matches or "not measured" in row.get("seeds", "") + row.get("Many", ""):
+            continue
+        folder, posthoc = rows[max(matches, key=len)]
+        seeds = [int(s) for s in row["seeds"].split(",")]
+        figures = [run_figures(folder, seed, posthoc) for seed in seeds]
+        for column, key in COLUMNS.items():
+            if column not in row:
+                continue
+            shown_mean, shown_std = parse_cell(row[column])
+            values = [f[key] for f in figures]
+            mean = statistics.fmean(values)
+            assert abs(mean - shown_mean) <= 0.05 + 1e-9, f"{document} '{label}' {column}: {shown_mean} against {mean}"
+            if len(values) > 1:
+                assert shown_std is not None, f"{document} '{label}' {column}: no std over {len(values)} seeds"
+                std = statistics.stdev(values)
+                assert abs(std - shown_std) <= 0.05 + 1e-9, f"{document} '{label}' {column}: ± {shown_std} against {std}"
+            else:
+                assert shown_std is None, f"{document} '{label}' {column}: a std over one seed"
+        checked.add(max(matches, key=len))
+    assert checked == set(rows), f"{document}: rows not found in the table: {set(rows) - checked}"
