@@ -94,7 +94,7 @@ def test_published_table_recomputes_from_its_run_files(document, heading, rows):
             if len(values) > 1:
                 assert shown_std is not None, f"{document} '{label}' {column}: no std over {len(values)} seeds"
                 std = statistics.stdev(values)
-                assert abs(std - shown_std) <= 0.05 + 1e-9, f"{document} '{label}' {column}: ± {shown_std} against {std}"
+                assert abs(std - shown_std) <= 0.05 + 1e-9, f"{document} '{label}' {column}: ±{shown_std} against {std}"
             else:
                 assert shown_std is None, f"{document} '{label}' {column}: a std over one seed"
         checked.add(max(matches, key=len))
