@@ -105,21 +105,31 @@ def reference_signals(teacher, student, key, queue, queue_labels, tau, tau_teach
 
 @pytest.mark.parametrize("shape", [(4, 3, 16, 12, 4), (3, 1, 8, 30, 29), (2, 5, 8, 0, 0)])
 @pytest.mark.parametrize("tau_teacher", [None, 0.04])
-def test_signals_match_reference(shape, tau_teacher):
+@pytest.mark.parametrize("loss_fn", [patch_distillation_loss, dense_patch_distillation_loss],
+                         ids=["factorised", "dense"])
+def test_signals_match_reference(shape, tau_teacher, loss_fn):
     """The training health signals the step logs, taken from the loss's own logits, against the
-    per-patch reference. Guards against: empty slots counted in an entropy (log(1 + K) wrong),
-    the teacher's temperature not applied to it, student and teacher swapped, agreement measured
-    on the queue alone (the own key, column 0, left out)."""
-    from dscl.losses import distillation_signals
-
+    per-patch reference; the dense form (what ``dscl bench --reference`` trains with) gives them
+    too. Guards against: empty slots counted in an entropy (log(1 + K) wrong), the teacher's
+    temperature not applied to it, student and teacher swapped, agreement measured on the queue
+    alone (the own key, column 0, left out); a loss form the training step calls with signals=
+    that does not take them."""
     inputs = random_inputs(*shape, seed=sum(shape))
     signals = {}
-    loss = patch_distillation_loss(*inputs, temperature=0.2, teacher_temperature=tau_teacher, signals=signals)
+    loss = loss_fn(*inputs, temperature=0.2, teacher_temperature=tau_teacher, signals=signals)
     assert set(signals) == set(reference_signals(*inputs, 0.2, tau_teacher or 0.2))
     for name, expected in reference_signals(*inputs, 0.2, tau_teacher or 0.2).items():
         assert float(signals[name]) == pytest.approx(expected, abs=1e-5), name
-    torch.testing.assert_close(loss, patch_distillation_loss(*inputs, temperature=0.2, teacher_temperature=tau_teacher))
-    assert {k: float(v) for k, v in distillation_signals(*inputs, 0.2, tau_teacher).items()} == \
+    torch.testing.assert_close(loss, loss_fn(*inputs, temperature=0.2, teacher_temperature=tau_teacher))
+
+
+def test_distillation_signals_are_the_losss_own():
+    from dscl.losses import distillation_signals
+
+    inputs = random_inputs(4, 3, 16, 12, 4, seed=7)
+    signals = {}
+    patch_distillation_loss(*inputs, 0.2, 0.04, signals)
+    assert {k: float(v) for k, v in distillation_signals(*inputs, 0.2, 0.04).items()} == \
         {k: float(v) for k, v in signals.items()}
 
 

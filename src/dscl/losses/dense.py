@@ -39,7 +39,8 @@ def dense_decoupled_supcon_loss(query: Tensor, key: Tensor, labels: Tensor, queu
 
 
 def dense_patch_distillation_loss(teacher: Tensor, student: Tensor, key: Tensor, queue: Tensor, queue_labels: Tensor,
-                                  temperature: float = 0.07, teacher_temperature: float | None = None) -> Tensor:
+                                  temperature: float = 0.07, teacher_temperature: float | None = None,
+                                  signals: dict | None = None) -> Tensor:
     queue, _ = valid_queue(queue, queue_labels)
     d = student.shape[2]
 
@@ -47,5 +48,13 @@ def dense_patch_distillation_loss(teacher: Tensor, student: Tensor, key: Tensor,
         own = (features * key[:, None, :]).sum(-1).reshape(-1, 1)
         return torch.cat([own, features.reshape(-1, d) @ queue.T], 1) / t
 
-    t = torch.softmax(logits(teacher.detach(), teacher_temperature or temperature), 1)
-    return -(t * torch.log_softmax(logits(student, temperature), 1)).sum(1).mean()
+    log_t = torch.log_softmax(logits(teacher.detach(), teacher_temperature or temperature), 1)
+    log_s = torch.log_softmax(logits(student, temperature), 1)
+    t = log_t.exp()
+    if signals is not None:  # the health signals, as patch_distillation_loss(signals=) gives them
+        with torch.no_grad():
+            signals.update({"pbsd_teacher_entropy": -(t * log_t).sum(1).mean(),
+                            "pbsd_student_entropy": -(log_s.exp() * log_s).sum(1).mean(),
+                            "pbsd_teacher_own": t[:, 0].mean(),
+                            "pbsd_agreement": (log_t.argmax(1) == log_s.argmax(1)).float().mean()})
+    return -(t * log_s).sum(1).mean()
