@@ -32,8 +32,42 @@ def test_choices_on_a_constructed_table():
     # 5 epochs x 4 images: accuracies 0.25, 1, 0.25, 0.75, 0.75; their 2-epoch means 0.25, 0.625,
     # 0.625, 0.5, 0.75: one lucky epoch wins "best", the steady end wins the mean
     correct = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
-    assert stage2_selection.choices(correct, smooth=2) == {"best": 1, "best of 2-epoch mean": 4, "last": 4}
-    assert stage2_selection.choices(correct[:3], smooth=2)["best of 2-epoch mean"] == 1  # the first of equal means
+    labels = torch.tensor([0, 0, 1, 1])
+    assert stage2_selection.choices(correct, labels, smooth=2) == {"best": 1, "best of 2-epoch mean": 4, "last": 4}
+    assert stage2_selection.choices(correct[:3], labels, smooth=2)["best of 2-epoch mean"] == 1  # first of equal means
+
+
+def test_uneven_classes_choose_on_the_mean_per_class_accuracy():
+    # class 0: 1 image, class 1: 3 images. Epoch 0 gets class 0 only (plain 0.25, per class 0.5);
+    # epoch 1 gets 2 of class 1 only (plain 0.5, per class 0.33): the per-class mean picks epoch 0
+    correct = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    labels = torch.tensor([0, 1, 1, 1])
+    assert torch.allclose(stage2_selection.val_accuracy(correct, labels), torch.tensor([0.5, 1 / 3], dtype=torch.double))
+    assert stage2_selection.choices(correct, labels, smooth=1)["best"] == 0
+    assert stage2_selection.choices(correct, torch.tensor([0, 0, 1, 1]), smooth=1)["best"] == 1  # even: plain
+
+
+def test_extra_validation_images_are_unseen_and_widen_the_runs_split(tmp_path):
+    from PIL import Image
+
+    from dscl.config import load_config
+    from dscl.engine.runner import load_data
+
+    for split, sizes in (("train", (12, 12)), ("test", (2, 2))):
+        for c, n in enumerate(sizes):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (20 * c, 10 * i, 0)).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    # ratio 12 keeps 12 of class 0 (none left over) and 1 of class 1 (11 left over)
+    cfg = load_config(overrides=["data.name=imagefolder", f"data.root={tmp_path}", "data.imbalance_ratio=12",
+                                 "data.val_per_class=2"])
+    splits = load_data(cfg)
+    extra = stage2_selection.unseen_validation(cfg, splits, 3)
+    seen = set(splits.train.paths) | set(splits.val.paths)
+    assert not seen & set(extra.paths)
+    assert sorted(extra.targets) == [1, 1, 1]  # the head class has no unseen image left
+    wider = load_data(load_config(base=cfg.to_dict(), overrides=["data.val_per_class=5"]))
+    assert set(splits.val.paths) <= set(wider.val.paths)  # the run's own split is part of the wider one
 
 
 def test_selection_reproduces_the_runs_stage2_and_its_kept_epoch(tmp_path, tiny_overrides):
