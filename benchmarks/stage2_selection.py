@@ -46,7 +46,8 @@ def unseen_validation(cfg, splits, per_class: int):
     never trained on."""
     if not hasattr(splits.train, "paths"):
         raise SystemExit("--extra-val needs an image-folder data set (images with paths)")
-    wider = load_data(load_config(base=cfg.to_dict(), overrides=[f"data.val_per_class={cfg.val_per_class + per_class}"]))
+    wider = load_data(load_config(base=cfg.to_dict(),
+                                  overrides=[f"data.val_per_class={cfg.val_per_class + per_class}"]))
     seen = set(splits.train.paths) | set(splits.val.paths)
     return wider.val.subset([i for i, path in enumerate(wider.val.paths) if path not in seen])
 

@@ -42,7 +42,8 @@ def test_uneven_classes_choose_on_the_mean_per_class_accuracy():
     # epoch 1 gets 2 of class 1 only (plain 0.5, per class 0.33): the per-class mean picks epoch 0
     correct = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
     labels = torch.tensor([0, 1, 1, 1])
-    assert torch.allclose(stage2_selection.val_accuracy(correct, labels), torch.tensor([0.5, 1 / 3], dtype=torch.double))
+    expected = torch.tensor([0.5, 1 / 3], dtype=torch.double)
+    assert torch.allclose(stage2_selection.val_accuracy(correct, labels), expected)
     assert stage2_selection.choices(correct, labels, smooth=1)["best"] == 0
     assert stage2_selection.choices(correct, torch.tensor([0, 0, 1, 1]), smooth=1)["best"] == 1  # even: plain
 
