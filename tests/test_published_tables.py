@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 TINY = RESULTS / "tinyimagenet-lt-r100-30e"
 CIFAR = RESULTS / "cifar10-lt-r100-30e"
+INET = RESULTS / "imagenette-lt-r100-30e"
 
 # (document, the heading the table follows, {row label prefix: (run folder, post-hoc row?)})
 TABLES = [
@@ -34,6 +35,10 @@ TABLES = [
         "ce + post-hoc": (CIFAR / "method-ce", True), "crt + post-hoc": (CIFAR / "method-crt", True),
         "crt": (CIFAR / "method-crt", False), "ce (end to end)": (CIFAR / "method-ce", False),
         "dscl+pbsd": (CIFAR / "method-dscl-pbsd_pretrain.alpha-0.3", False)}),
+    ("docs/RESULTS.md", "## Imagenette-LT, ratio 100, 128 px", {
+        "ce + post-hoc": (INET / "method-ce", True), "ce (end to end)": (INET / "method-ce", False),
+        "dscl + pbsd + post-hoc": (INET / "method-dscl-pbsd", True), "dscl + pbsd": (INET / "method-dscl-pbsd", False),
+        "dscl + post-hoc": (INET / "method-dscl", True), "dscl": (INET / "method-dscl", False)}),
     ("README.md", "## CIFAR-10-LT at a CPU budget", {
         "ce + post-hoc": (CIFAR / "method-ce", True), "crt": (CIFAR / "method-crt", False),
         "ce (end to end)": (CIFAR / "method-ce", False), "scl+pbsd": (CIFAR / "method-scl-pbsd", False),
