@@ -34,7 +34,8 @@ TABLES = [
     ("docs/RESULTS.md", "**The baselines practitioners use, seed 0**", {
         "ce + post-hoc": (CIFAR / "method-ce", True), "crt + post-hoc": (CIFAR / "method-crt", True),
         "crt": (CIFAR / "method-crt", False), "ce (end to end)": (CIFAR / "method-ce", False),
-        "dscl+pbsd": (CIFAR / "method-dscl-pbsd_pretrain.alpha-0.3", False)}),
+        "dscl+pbsd": (CIFAR / "method-dscl-pbsd_pretrain.alpha-0.3", False),
+        "dscl+pbsd (alpha 0.3), rerun": (CIFAR / "method-dscl-pbsd_pretrain.alpha-0.3-rerun", False)}),
     ("docs/RESULTS.md", "## Imagenette-LT, ratio 100, 128 px", {
         "ce + post-hoc": (INET / "method-ce", True), "ce (end to end)": (INET / "method-ce", False),
         "dscl + pbsd + post-hoc": (INET / "method-dscl-pbsd", True), "dscl + pbsd": (INET / "method-dscl-pbsd", False),
