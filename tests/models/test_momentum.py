@@ -134,3 +134,21 @@ def test_key_encoder_batchnorm_is_grouped_in_training():
         keys[groups] = model.encode_keys(x)
         torch.testing.assert_close(keys[groups].norm(dim=1), torch.ones(8))
     assert (keys[1] - keys[2]).abs().max() > 1e-3
+
+
+def test_grouped_affine_gives_the_per_layer_repeats_bit_for_bit():
+    # Bugs caught: a layer handed another layer's (or another width's) weight or bias, the
+    # repeats of one batch size kept for the next, the cache left behind after the forward.
+    from dscl.models.momentum import grouped_affine
+
+    model = small_model(groups=4).train()
+    with torch.no_grad():
+        for p in model.key_encoder.parameters():
+            p.uniform_(-1.0, 1.0)
+    for batch in (8, 6):  # 4 groups, then 3
+        x = torch.randn(batch, 3, 32, 32)
+        plain = model.key_features(x)  # each layer repeats its own weight and bias
+        with grouped_affine(model.key_encoder, batch):
+            cached = model.key_features(x)
+        assert torch.equal(cached, plain)
+    assert all(getattr(m, "repeated", None) is None for m in model.key_encoder.modules())

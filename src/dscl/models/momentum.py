@@ -39,19 +39,41 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
     """
 
     groups: int = 1
+    repeated: tuple[Tensor, Tensor] | None = None  # weight and bias repeated per group, set by grouped_affine
 
     def forward(self, x: Tensor) -> Tensor:
         groups = _largest_divisor(x.shape[0], self.groups)
         if not self.training or groups == 1:
             return super().forward(x)
         b, c, h, w = x.shape
-        out = F.batch_norm(x.reshape(b // groups, groups * c, h, w), None, None,
-                           self.weight.repeat(groups), self.bias.repeat(groups), True, 0.0, self.eps)
+        weight, bias = self.repeated or (self.weight.repeat(groups), self.bias.repeat(groups))
+        out = F.batch_norm(x.reshape(b // groups, groups * c, h, w), None, None, weight, bias, True, 0.0, self.eps)
         return out.reshape(b, c, h, w)
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
     return next(g for g in range(min(n, at_most), 0, -1) if n % g == 0)
+
+
+@contextlib.contextmanager
+def grouped_affine(module: nn.Module, batch: int):
+    """For a training forward of ``batch`` samples: every grouped BatchNorm's weight and bias
+    repeated per group once, in two operators per channel count (stack, repeat), rather than two
+    repeats per layer. The same values, so the same outputs."""
+    norms = [m for m in module.modules() if isinstance(m, GroupedBatchNorm2d) and m.training and m.affine]
+    by_width: dict[int, list[GroupedBatchNorm2d]] = {}
+    for m in norms:
+        by_width.setdefault(m.num_features, []).append(m)
+    for width in by_width.values():
+        groups = _largest_divisor(batch, width[0].groups)
+        rows = torch.stack([p for m in width for p in (m.weight, m.bias)]).repeat(1, groups)
+        for i, m in enumerate(width):
+            m.repeated = (rows[2 * i], rows[2 * i + 1])
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.repeated = None
 
 
 def _group_batchnorms(module: nn.Module, groups: int) -> None:
@@ -142,7 +164,8 @@ class MomentumContrast(nn.Module):
     def encode_keys(self, key_view: Tensor) -> Tensor:
         """(B, 3, S, S) -> (B, D) normalised keys; batch shuffled (across ranks when distributed)."""
         x, unshuffle = _shuffle(key_view)
-        return unshuffle(self.key_features(x))
+        with grouped_affine(self.key_encoder, x.shape[0]):
+            return unshuffle(self.key_features(x))
 
     def key_features(self, x: Tensor) -> Tensor:
         """(B, 3, S, S) -> (B, D) normalised keys of the momentum encoder, in the batch's order."""
@@ -199,17 +222,19 @@ def momentum_update(pairs, momentum: float) -> None:
 
 @contextlib.contextmanager
 def frozen_running_stats(module: nn.Module):
-    """BatchNorm layers still normalise with batch statistics but leave their running mean and
-    variance as they are (momentum 0 for the duration)."""
+    """BatchNorm layers still normalise with batch statistics but leave their running mean,
+    variance and batch count as they are: for the duration they do not track them, so their
+    forward is the one batch-norm kernel, without the count's increment (one operator per layer
+    fewer than momentum 0, same outputs and statistics)."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
+    saved = [m.track_running_stats for m in norms]
     for m in norms:
-        m.momentum = 0.0
+        m.track_running_stats = False
     try:
         yield
     finally:
         for m, value in zip(norms, saved):
-            m.momentum = value
+            m.track_running_stats = value
 
 
 def _shuffle(x: Tensor):
