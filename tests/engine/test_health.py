@@ -12,7 +12,8 @@ from dscl.data import CIFAR_MEAN, CIFAR_STD, SyntheticLongTailed
 from dscl.engine.checkpoint import load_checkpoint
 from dscl.engine.evaluate import knn_predict
 from dscl.engine.pretrain import build_stage1_model
-from dscl.losses import key_probability
+from dscl.losses import decoupled_supcon_loss, key_probability
+from dscl.losses.dense import dense_decoupled_supcon_loss
 
 
 def test_knn_predict_matches_a_per_row_reference():
@@ -45,6 +46,10 @@ def test_key_probability_matches_the_definition():
         z = sum(math.exp(float(q[i] @ a) / tau) for a in cands)
         probs.append(math.exp(float(q[i] @ k[i]) / tau) / z)
     assert float(key_probability(q, k, queue, queue_labels, tau)) == pytest.approx(sum(probs) / 6, rel=1e-5)
+    for loss in (decoupled_supcon_loss, dense_decoupled_supcon_loss):  # what training logs, from the loss's logits
+        signals = {}
+        loss(q, k, torch.tensor([0, 1, 2, 0, 1, 2]), queue, queue_labels, temperature=tau, signals=signals)
+        assert float(signals["p_key"]) == pytest.approx(sum(probs) / 6, rel=1e-5)
 
 
 def test_patch_crops_stay_out_of_the_running_statistics():

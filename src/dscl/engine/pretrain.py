@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import Config
 from ..data import DataSplits
 from ..errors import ConfigError
-from ..losses import (decoupled_supcon_loss, effective_number_weights, key_probability, log_prior,
+from ..losses import (decoupled_supcon_loss, effective_number_weights, log_prior,
                       logit_adjusted_loss, patch_distillation_loss)
 from ..progress import progress
 from ..models import (Classifier, ContrastOutput, LabelledQueue, MomentumContrast, MultiExpertContrast, build_backbone,
@@ -125,10 +125,10 @@ def contrastive_losses(out: ContrastOutput, queue: LabelledQueue, *, labels: tor
     """
     use_patches = cfg.uses_pbsd
     key = out.key.float()
-    contrast = supcon(out.query.float(), key, labels, queue.keys, queue.labels,
-                      alpha=cfg.alpha, temperature=cfg.pretrain.temperature, weight=weight, num_classes=num_classes)
-    parts = {"contrast": contrast, "p_key": key_probability(out.query.detach().float(), key, queue.keys, queue.labels,
-                                                          cfg.pretrain.temperature)}
+    signals = {}  # p(k_i | z_i), from the loss's own logits
+    contrast = supcon(out.query.float(), key, labels, queue.keys, queue.labels, alpha=cfg.alpha,
+                      temperature=cfg.pretrain.temperature, weight=weight, num_classes=num_classes, signals=signals)
+    parts = {"contrast": contrast, **signals}
     loss = contrast
     if use_patches and cfg.pretrain.patch_mode == "multicrop":
         crops = out.student.float()

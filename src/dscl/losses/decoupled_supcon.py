@@ -78,6 +78,7 @@ def decoupled_supcon_loss(
     temperature: float = 0.07,
     weight: Tensor | None = None,
     num_classes: int | None = None,
+    signals: dict | None = None,
 ) -> Tensor:
     """Mean DSCL loss over the B anchors of a batch (SCL when ``alpha`` is None); with
     ``weight`` (B,), the mean of ``weight[i] * loss_i`` (per-anchor re-weighting).
@@ -88,6 +89,8 @@ def decoupled_supcon_loss(
     queue: (K, D) stored keys; queue_labels: (K,) with -1 for a slot never filled.
     num_classes: more than the largest label; given, no step of the loss waits for the device
     (else it is read from the labels).
+    signals: given, receives ``p_key``, :func:`key_probability` from this loss's own logits (no
+    second pass over the queue).
 
     Keys and queue are used as given: in training they come from the momentum encoder and
     carry no gradient, as in the method; the other queries of the batch carry theirs.
@@ -104,6 +107,8 @@ def decoupled_supcon_loss(
 
     scaled = query / temperature  # (B, D): every logit below is already divided by tau
     log_p_key, log_z = _log_p_key(scaled, query, key, queue, filled)  # (B,), (B,)
+    if signals is not None:
+        signals["p_key"] = log_p_key.detach().exp().mean()
 
     # Sum of P_i's features: same-label keys, queries and queue entries, minus k_i and z_i.
     if num_classes is None:

@@ -16,7 +16,8 @@ from .decoupled_supcon import valid_queue
 
 def dense_decoupled_supcon_loss(query: Tensor, key: Tensor, labels: Tensor, queue: Tensor, queue_labels: Tensor,
                                 alpha: float | None = 0.1, temperature: float = 0.07,
-                                weight: Tensor | None = None, num_classes: int | None = None) -> Tensor:
+                                weight: Tensor | None = None, num_classes: int | None = None,
+                                signals: dict | None = None) -> Tensor:
     batch = query.shape[0]  # num_classes: accepted for the optimised form's signature, not needed
     queue, queue_labels = valid_queue(queue, queue_labels)
     candidates = torch.cat([query, key, queue])  # (2B + K, D)
@@ -30,6 +31,8 @@ def dense_decoupled_supcon_loss(query: Tensor, key: Tensor, labels: Tensor, queu
     log_p = logits - torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), 1, keepdim=True)
     num_pos = same.sum(1).to(query.dtype)
     log_p_key = (log_p * own_key).sum(1)
+    if signals is not None:  # as decoupled_supcon_loss(signals=) gives it
+        signals["p_key"] = log_p_key.detach().exp().mean()
     sum_pos = (log_p * same).sum(1)
     if alpha is None:
         loss = -(log_p_key + sum_pos) / (num_pos + 1)
