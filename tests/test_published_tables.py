@@ -35,7 +35,10 @@ TABLES = [
         "ce + post-hoc": (CIFAR / "method-ce", True), "crt + post-hoc": (CIFAR / "method-crt", True),
         "crt": (CIFAR / "method-crt", False), "ce (end to end)": (CIFAR / "method-ce", False),
         "dscl+pbsd": (CIFAR / "method-dscl-pbsd_pretrain.alpha-0.3", False),
-        "dscl+pbsd (alpha 0.3), rerun": (CIFAR / "method-dscl-pbsd_pretrain.alpha-0.3-rerun", False)}),
+        "dscl+pbsd (alpha 0.3), rerun": (CIFAR / "method-dscl-pbsd_pretrain.alpha-0.3-rerun", False),
+        "crt, logit-adjusted stage 2": (CIFAR / "method-crt_linear.rebalance-loss", False),
+        "dscl+pbsd (alpha 0.3), rerun, logit-adjusted": (
+            CIFAR / "method-dscl-pbsd_pretrain.alpha-0.3-rerun_linear.rebalance-loss", False)}),
     ("docs/RESULTS.md", "## Imagenette-LT, ratio 100, 128 px", {
         "ce + post-hoc": (INET / "method-ce", True), "ce (end to end)": (INET / "method-ce", False),
         "dscl + pbsd + post-hoc": (INET / "method-dscl-pbsd", True), "dscl + pbsd": (INET / "method-dscl-pbsd", False),
@@ -111,3 +114,36 @@ def test_published_table_recomputes_from_its_run_files(document, heading, rows):
                 assert shown_std is None, f"{document} '{label}' {column}: a std over one seed"
         checked.add(max(matches, key=len))
     assert checked == set(rows), f"{document}: rows not found in the table: {set(rows) - checked}"
+
+
+# RESULTS.md's stage-2 comparison: each row's two run folders, class-balanced sampling and the
+# logit-adjusted loss on the same stage 1 (seed 0)
+STAGE2 = {
+    "Tiny-ImageNet-LT crt": (TINY / "method-crt", TINY / "method-crt_linear.rebalance-loss"),
+    "Tiny-ImageNet-LT dscl": (TINY / "method-dscl", TINY / "method-dscl_linear.rebalance-loss"),
+    "CIFAR-10-LT crt": (CIFAR / "method-crt", CIFAR / "method-crt_linear.rebalance-loss"),
+    "CIFAR-10-LT dscl+pbsd": (CIFAR / "method-dscl-pbsd_pretrain.alpha-0.3-rerun",
+                              CIFAR / "method-dscl-pbsd_pretrain.alpha-0.3-rerun_linear.rebalance-loss"),
+}
+
+
+def test_stage2_comparison_recomputes_from_its_run_files():
+    lines = (ROOT / "docs/RESULTS.md").read_text(encoding="utf-8").split(
+        "## Stage 2: class-balanced sampling or the logit-adjusted loss")[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| run |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    seen = set()
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        row = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        name = next(n for n in STAGE2 if row["run"].startswith(n))
+        runs = dict(zip(("sampler", "loss"), (run_figures(folder, 0, False) for folder in STAGE2[name])))
+        for column, cell in row.items():
+            if column == "run" or cell == "-":
+                continue
+            metric, variant = column.split(", ")
+            key = {"val": "val_top1", "test": "overall", "Few": "few"}[metric]
+            assert parse_cell(cell)[0] == pytest.approx(runs[variant][key], abs=0.005 + 1e-9), f"{name} {column}"
+        seen.add(name)
+    assert seen == set(STAGE2)
