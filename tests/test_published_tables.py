@@ -26,11 +26,18 @@ TABLES = [
     ("README.md", "## Does it beat what practitioners use?", {
         "ce + post-hoc": (TINY / "method-ce", True), "ce-la": (TINY / "method-ce-la", False),
         "crt": (TINY / "method-crt", False), "ce (plain": (TINY / "method-ce", False),
-        "dscl": (TINY / "method-dscl", False)}),
+        "dscl": (TINY / "method-dscl", False), "scl (bf16)": (TINY / "bf16/method-scl", False),
+        "dscl + pbsd (bf16)": (TINY / "bf16/method-dscl-pbsd", False)}),
     ("docs/RESULTS.md", "**Measured so far: seeds 0 and 1", {
         "ce (end to end)": (TINY / "method-ce", False), "ce + post-hoc": (TINY / "method-ce", True),
         "crt": (TINY / "method-crt", False), "ce-la": (TINY / "method-ce-la", False),
-        "dscl (alpha 0.3": (TINY / "method-dscl", False)}),
+        "dscl (alpha 0.3": (TINY / "method-dscl", False),
+        "crt, logit-adjusted": (TINY / "method-crt_linear.rebalance-loss", False),
+        "dscl, logit-adjusted": (TINY / "method-dscl_linear.rebalance-loss", False),
+        "scl (bf16": (TINY / "bf16/method-scl", False),
+        "scl, logit-adjusted": (TINY / "bf16/method-scl_linear.rebalance-loss", False),
+        "dscl + pbsd (alpha 0.3, bf16": (TINY / "bf16/method-dscl-pbsd", False),
+        "dscl + pbsd, logit-adjusted": (TINY / "bf16/method-dscl-pbsd_linear.rebalance-loss", False)}),
     ("docs/RESULTS.md", "**The baselines practitioners use, seed 0**", {
         "ce + post-hoc": (CIFAR / "method-ce", True), "crt + post-hoc": (CIFAR / "method-crt", True),
         "crt": (CIFAR / "method-crt", False), "ce (end to end)": (CIFAR / "method-ce", False),

@@ -1,0 +1,57 @@
+"""k-NN top-1 of finished runs' stage-1 encoders on their validation split and on their test
+split, side by side: does the representation carry from the held-out training images (which
+choose every setting) to the test images?
+
+A validation split drawn from the training images and a test split from elsewhere (Tiny
+ImageNet's official validation folder, say) can differ; a gap that one method shows and another
+does not is a warning that its validation figures overstate it.
+
+    python benchmarks/knn_val_test.py RUN [RUN ...] [--data-root DIR] [--k 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from dscl.config import load_config
+from dscl.engine.distributed import Runtime
+from dscl.engine.evaluate import knn_predict
+from dscl.engine.linear import backbone_from_stage1, clean_features
+from dscl.engine.runner import load_data
+from dscl.engine.trained import read_run, stage1_state
+
+
+def knn_val_test(run_dir: Path, data_root: str | None, k: int) -> dict:
+    run, cfg = read_run(run_dir)
+    if data_root:
+        cfg = load_config(run.path / "config.yaml", [f"data.root={data_root}"])
+    splits = load_data(cfg)
+    if splits.val is None:
+        raise SystemExit(f"{run_dir}: the run has no validation split (data.val_per_class)")
+    rt = Runtime(0, 1, torch.device("cpu"))
+    backbone = backbone_from_stage1(cfg, stage1_state(run)).eval()
+    bank, bank_labels = clean_features(backbone, cfg, splits.train, splits.image_size, rt, "training features")
+    result = {"run": str(run_dir), "method": cfg.method, "precision": cfg.precision}
+    for name, dataset in (("val", splits.val), ("test", splits.test)):
+        features, labels = clean_features(backbone, cfg, dataset, splits.image_size, rt, f"{name} features")
+        correct = knn_predict(bank, bank_labels, features, k=k) == labels
+        result[f"knn_{name}"] = round(100 * correct.float().mean().item(), 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--data-root", help="where the run's data set lies now (its data.root)")
+    parser.add_argument("--k", type=int, default=20)
+    args = parser.parse_args()
+    for run_dir in args.runs:
+        print(json.dumps(knn_val_test(run_dir, args.data_root, args.k)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
