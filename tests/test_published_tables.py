@@ -50,6 +50,10 @@ TABLES = [
         "ce + post-hoc": (INET / "method-ce", True), "ce (end to end)": (INET / "method-ce", False),
         "dscl + pbsd + post-hoc": (INET / "method-dscl-pbsd", True), "dscl + pbsd": (INET / "method-dscl-pbsd", False),
         "dscl + post-hoc": (INET / "method-dscl", True), "dscl": (INET / "method-dscl", False)}),
+    ("docs/RECIPES.md", "### Strong stage-1 augmentation", {
+        "dscl, MoCo v2": (CIFAR / "strong-augment/pretrain.strong_augment-none", False),
+        "dscl, key view + RandAugment": (
+            CIFAR / "strong-augment/pretrain.strong_augment-randaugment_pretrain.random_erasing-0.5", False)}),
     ("README.md", "## CIFAR-10-LT at a CPU budget", {
         "ce + post-hoc": (CIFAR / "method-ce", True), "crt": (CIFAR / "method-crt", False),
         "ce (end to end)": (CIFAR / "method-ce", False), "scl+pbsd": (CIFAR / "method-scl-pbsd", False),
