@@ -15,25 +15,13 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from dscl.config import load_config
-from dscl.engine.distributed import Runtime
 from dscl.engine.evaluate import knn_predict
-from dscl.engine.linear import backbone_from_stage1, clean_features
-from dscl.engine.runner import load_data
-from dscl.engine.trained import read_run, stage1_state
+from dscl.engine.linear import clean_features
+from stage2_selection import frozen_run  # this folder's: the run, its splits and its frozen encoder
 
 
 def knn_val_test(run_dir: Path, data_root: str | None, k: int) -> dict:
-    run, cfg = read_run(run_dir)
-    if data_root:
-        cfg = load_config(run.path / "config.yaml", [f"data.root={data_root}"])
-    splits = load_data(cfg)
-    if splits.val is None:
-        raise SystemExit(f"{run_dir}: the run has no validation split (data.val_per_class)")
-    rt = Runtime(0, 1, torch.device("cpu"))
-    backbone = backbone_from_stage1(cfg, stage1_state(run)).eval()
+    _, cfg, splits, rt, backbone = frozen_run(run_dir, data_root)
     bank, bank_labels = clean_features(backbone, cfg, splits.train, splits.image_size, rt, "training features")
     result = {"run": str(run_dir), "method": cfg.method, "precision": cfg.precision}
     for name, dataset in (("val", splits.val), ("test", splits.test)):

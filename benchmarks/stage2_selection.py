@@ -52,20 +52,26 @@ def unseen_validation(cfg, splits, per_class: int):
     return wider.val.subset([i for i, path in enumerate(wider.val.paths) if path not in seen])
 
 
-def epoch_accuracies(run_dir: Path, data_root: str | None, extra_val: int = 0) -> dict:
-    """Stage 2 of the run trained again: per epoch, which validation images it gets right
-    (E, N_val; the run's own split first, then any ``extra_val`` ones) and its test report; the
-    run's own per-epoch validation accuracies beside them."""
+def frozen_run(run_dir: Path, data_root: str | None, needs_stage2: bool = False):
+    """A finished run with a validation split: (run, cfg, splits, CPU runtime, its stage-1
+    encoder in eval mode); ``data_root``: where its data set lies on this machine."""
     run, cfg = read_run(run_dir)
     if data_root:
         cfg = load_config(run.path / "config.yaml", [f"data.root={data_root}"])
-    if not cfg.method_spec.stage2:
+    if needs_stage2 and not cfg.method_spec.stage2:
         raise SystemExit(f"{run_dir}: method {cfg.method} has no stage 2")
     splits = load_data(cfg)
     if splits.val is None:
         raise SystemExit(f"{run_dir}: the run has no validation split (data.val_per_class)")
     rt = Runtime(0, 1, torch.device("cpu"))
-    backbone = backbone_from_stage1(cfg, stage1_state(run)).eval()
+    return run, cfg, splits, rt, backbone_from_stage1(cfg, stage1_state(run)).eval()
+
+
+def epoch_accuracies(run_dir: Path, data_root: str | None, extra_val: int = 0) -> dict:
+    """Stage 2 of the run trained again: per epoch, which validation images it gets right
+    (E, N_val; the run's own split first, then any ``extra_val`` ones) and its test report; the
+    run's own per-epoch validation accuracies beside them."""
+    run, cfg, splits, rt, backbone = frozen_run(run_dir, data_root, needs_stage2=True)
     val = clean_features(backbone, cfg, splits.val, splits.image_size, rt, "validation features")
     own_size = len(val[1])
     if extra_val:

@@ -66,12 +66,12 @@ TABLES = [
 COLUMNS = {"Many": "many", "Medium": "medium", "Few": "few", "Overall": "overall", "val": "val_top1"}
 
 
-def table_after(document: str, heading: str) -> list[dict]:
-    """The first Markdown table after ``heading``, as {column: cell} rows."""
+def table_after(document: str, heading: str, first: str = "method") -> list[dict]:
+    """The first Markdown table after ``heading`` whose first column is ``first``, as {column: cell} rows."""
     text = (ROOT / document).read_text(encoding="utf-8")
     assert heading in text, f"{document}: no '{heading}'"
     lines = text[text.index(heading):].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} |"))
     header = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = []
     for line in lines[start + 2:]:
@@ -139,15 +139,8 @@ STAGE2 = {
 
 
 def test_stage2_comparison_recomputes_from_its_run_files():
-    lines = (ROOT / "docs/RESULTS.md").read_text(encoding="utf-8").split(
-        "## Stage 2: class-balanced sampling or the logit-adjusted loss")[1].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| run |"))
-    header = [c.strip() for c in lines[start].strip("|").split("|")]
     seen = set()
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        row = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+    for row in table_after("docs/RESULTS.md", "## Stage 2: class-balanced sampling or the logit-adjusted loss", "run"):
         name = next(n for n in STAGE2 if row["run"].startswith(n))
         runs = dict(zip(("sampler", "loss"), (run_figures(folder, 0, False) for folder in STAGE2[name])))
         for column, cell in row.items():
