@@ -72,6 +72,37 @@ def test_slim_copy_gives_the_runs_classifier_and_accuracy(run_dir, tmp_path, cap
         export_run(run_dir, out)
 
 
+def test_stage_2_again_from_exported_weights_or_a_run(run_dir, tmp_path, capsys):
+    # Bug caught: slim weights (no epochs, no metrics) could not seed a stage 2, so users could
+    # not run cRT or the logit-adjusted stage 2 on the published encoders.
+    slim = tmp_path / "slim"
+    export_run(run_dir, slim)
+    keys = ("overall", "many", "medium", "few", "per_class")
+    original = json.loads((run_dir / "results.json").read_text())
+    for source in (slim, run_dir):  # nothing changed: the run's own stage 2 again, to the last digit
+        out = tmp_path / f"again-{source.name}"
+        assert main(["run", "--from", str(source), "--out", str(out)]) == 0
+        again = json.loads((out / "results.json").read_text())
+        assert {k: again[k] for k in keys} == {k: original[k] for k in keys}
+        log = (out / "log.txt").read_text()
+        assert f"stage 1 reused from {source}" in log and "stage=pretrain" not in log
+
+    out = tmp_path / "loss"
+    assert main(["linear", "--from", str(slim), "--out", str(out), "--set", "linear.rebalance=loss"]) == 0
+    assert main(["evaluate", "--out", str(out)]) == 0
+    state = torch.load(out / "checkpoints" / "pretrain.pt", weights_only=False)["model"]
+    slim_state = torch.load(slim / "checkpoints" / "pretrain.pt", weights_only=False)["model"]
+    assert state.keys() == slim_state.keys() and all(torch.equal(v, slim_state[k]) for k, v in state.items())
+    assert json.loads((out / "results.json").read_text())["overall"] != original["overall"]
+
+    capsys.readouterr()
+    assert main(["run", "--from", str(slim), "--out", str(tmp_path / "other"), "--set", "seed=1",
+                 "--set", "pretrain.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "its stage 1 is not the one asked for" in err and "seed: 0 -> 1" in err and "pretrain.epochs" in err
+    assert not (tmp_path / "other").exists()
+
+
 def test_unfinished_run_is_refused(run_dir, tmp_path):
     partial = tmp_path / "partial"
     (partial / "checkpoints").mkdir(parents=True)

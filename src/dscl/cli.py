@@ -15,12 +15,17 @@ from .allocator import keep_freed_memory
 from .errors import ConfigError, DSCLError
 
 
-def _training_args(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
+def _training_args(parser: argparse.ArgumentParser, out_required: bool = True, stage1_from: bool = False) -> None:
     parser.add_argument("--config", type=Path, help="YAML recipe (see configs/); omitted keys keep their defaults")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key, e.g. --set pretrain.epochs=10 (repeatable)")
     parser.add_argument("--out", type=Path, help="output folder of the run" + (" (required)" if out_required else ""))
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    if stage1_from:
+        parser.add_argument("--from", dest="stage1_from", metavar="RUN_OR_NAME",
+                            help="start a new run in --out from the finished stage 1 of this run folder or published "
+                                 "weights (its config.yaml unless --config; --set may change linear.*, data.root, the "
+                                 "device, or the method to one with the same stage 1: ce -> crt)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration (recipe, the recipes it inherits from, --set) and exit")
 
@@ -33,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("linear", "stage 2 on the stage-1 checkpoint in --out"),
                        ("evaluate", "evaluate a finished run: RUN_DIR on another split or data set (into "
                                     "RUN_DIR/evaluations/), or the run in --out on its test split again")]:
-        _training_args(sub.add_parser(name, help=text, description=text), out_required=name != "evaluate")
+        _training_args(sub.add_parser(name, help=text, description=text), out_required=name != "evaluate",
+                       stage1_from=name in ("run", "linear"))
     _reuse_args(sub)
     demo = sub.add_parser("demo", help="train ce, scl, dscl and dscl+pbsd on the embedded synthetic data and compare")
     demo.add_argument("--out", type=Path, default=None,
@@ -148,10 +154,15 @@ def _stage_command(args) -> None:
     from .engine import STAGES, run, setup, teardown
 
     stages = {"run": STAGES, "pretrain": ("pretrain",), "linear": ("linear",), "evaluate": ("evaluate",)}[args.command]
-    config, resume = args.config, args.resume
+    config, resume, source = args.config, args.resume, getattr(args, "stage1_from", None)
+    if source is not None:
+        from .weights import run_folder
+
+        source = run_folder(source)
+        config = source / "config.yaml" if config is None else config
     if args.out is None and not args.print_config:
         raise ConfigError(f"{args.command}: --out DIR is required (the run's folder)")
-    if args.command in ("linear", "evaluate") and args.out is not None:  # continue the run stage 1 left in --out
+    if args.command in ("linear", "evaluate") and args.out is not None and source is None:  # continue stage 1 in --out
         saved = args.out / "config.yaml"
         if config is None and saved.is_file():
             config = saved
@@ -160,6 +171,12 @@ def _stage_command(args) -> None:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return
+    if source is not None:
+        from .sweep import start_from_stage1
+
+        if not (args.resume and (args.out / "config.yaml").is_file()):  # else: go on with the run --from began
+            start_from_stage1(args.out, cfg.to_dict(), source)
+        resume = True
     rt = setup(cfg.device)
     try:
         if run(cfg, args.out, rt, stages=stages, resume=resume) is not None:

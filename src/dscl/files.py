@@ -3,7 +3,9 @@ rename, so a crash never leaves a half-written file that looks complete."""
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import os
 import shutil
@@ -43,6 +45,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict], digits: int | None = None) -> None:
+    """Rows to CSV (the columns: every key, in order of first appearance); floats rounded to
+    ``digits`` decimals when given."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows if digits is None else
+                     ({k: round(v, digits) if isinstance(v, float) else v for k, v in r.items()} for r in rows))
+    atomic_write_text(path, buffer.getvalue())
 
 
 def write_yaml(path: Path, data: Any) -> None:

@@ -11,11 +11,9 @@ Summaries are rebuilt from what is on disk, so they can always be regenerated wi
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -25,10 +23,12 @@ from pathlib import Path
 import yaml
 
 from .config import config_from_dict, flatten_config, load_config, parse_override
-from .files import atomic_write_text
+from .files import atomic_write_text, write_csv
+from .engine.checkpoint import load_checkpoint
 from .engine.rundir import RunDir
-from .errors import ArgumentError, ConfigError, DSCLError
+from .errors import ArgumentError, CheckpointError, ConfigError, DSCLError
 from .methods import REGISTRY
+from .weights import run_folder
 
 METRICS = ("overall", "many", "medium", "few", "val_top1", "train_s")
 
@@ -127,7 +127,7 @@ def sweep(config: Path | None, overrides: list[str], grid: list[str], seeds: lis
         for seed in seeds:
             cfg = configs[combo.name, seed] = load_config(config, [*overrides, *combo.settings, f"seed={seed}"])
             if _finished(path := out / combo.folder / f"seed{seed}"):  # reused as is, so it must be this run
-                _check_same(path, cfg.to_dict(), *MOVABLE)
+                _check_same(path, cfg.to_dict())
     if not summary_only:
         todo = [(c, s) for s in seeds for c in combos if not _finished(out / c.folder / f"seed{s}")]
         print(f"sweep: {len(combos)} combination(s) x {len(seeds)} seed(s); {len(todo)} run(s) to do", flush=True)
@@ -255,25 +255,36 @@ def _alive(lock: Path) -> bool:
 
 def _reuse_stage1(path: Path, config: dict, candidates: list[Path]) -> None:
     """A run whose stage 1 equals a finished one under the same --out (of this grid or of an
-    earlier one: the configs differ only in ``linear.*`` keys, or in a method that trains the
-    same stage 1, as cRT does CE's) starts from a copy of that stage-1 checkpoint instead of
-    training it again; its log says where the copy came from."""
+    earlier one) starts from that stage 1 instead of training it again (:func:`start_from_stage1`)."""
     if (path / "config.yaml").is_file():
         return
-    mine = _stage1_of(flatten_config(config))
+    mine = flatten_config(config)
     for other in candidates:
-        done = other / "checkpoints" / "pretrain.pt"
         saved = _saved_config(other)
-        if other == path or saved is None or not done.is_file():
-            continue
-        if _stage1_of(saved) == mine:
-            run_dir = RunDir(path)
-            run_dir.prepare(config, resume=False)
-            (path / "checkpoints").mkdir(exist_ok=True)
-            shutil.copyfile(done, path / "checkpoints" / "pretrain.pt")
-            run_dir.log(f"stage 1 reused from {other} (the same stage 1: configuration equal apart from "
-                        f"linear.* and the method's stage 2)")
+        if other != path and saved is not None and (other / "checkpoints" / "pretrain.pt").is_file() \
+                and not _stage1_differences(saved, mine):
+            start_from_stage1(path, config, other)
             return
+
+
+def start_from_stage1(path: Path, config: dict, source: str | Path) -> None:
+    """Start the run of ``config`` in ``path`` (which holds no run) from the finished stage 1 of
+    ``source``, a run folder or published weights (``dscl run --from``): refused unless ``config``
+    trains the same stage 1, i.e. is equal apart from ``linear.*``, where the data and the device
+    are, and the method's stage 2 (cRT's stage 1 is CE's). The log says where stage 1 came from."""
+    source = run_folder(source)
+    saved = _saved_config(source)
+    if diffs := _stage1_differences(saved, flatten_config(config)):
+        raise ConfigError(f"--from {source}: its stage 1 is not the one asked for:\n  " + "\n  ".join(diffs))
+    state = load_checkpoint(source / "checkpoints" / "pretrain.pt")
+    if state.get("stage") != "pretrain" or not state.get("complete"):
+        raise CheckpointError(f"{source / 'checkpoints' / 'pretrain.pt'}: stage 1 did not finish")
+    run_dir = RunDir(path)
+    run_dir.prepare(config, resume=False)
+    kept = {k: v for k, v in state.items() if k not in ("format", "config")}  # published weights: no metrics
+    run_dir.save(run_dir.checkpoint("pretrain"), {"epochs": saved["pretrain.epochs"], "metrics": [], **kept})
+    run_dir.log(f"stage 1 reused from {source} (the same stage 1: configuration equal apart from "
+                f"linear.* and the method's stage 2)")
 
 
 def _finished(path: Path) -> bool:
@@ -303,24 +314,30 @@ def _comparable(flat: dict, *skip: str) -> dict:
     return {k: v for k, v in flat.items() if not k.startswith(("logging.", *skip))}
 
 
-def _stage1_of(flat: dict) -> dict:
-    """What decides a run's stage 1: its config without ``linear.*``, the method named by the
-    stage 1 it trains (cRT's is CE's)."""
-    method = REGISTRY.get(str(flat.get("method")))
-    return _comparable(flat, "linear.") | {"method": method.stage1 if method else flat.get("method")}
+def _stage1_differences(saved: dict, flat: dict) -> list[str]:
+    """``key: saved -> asked`` for what decides a run's stage 1: its config without ``linear.*``
+    and the movable keys, the method named by the stage 1 it trains (cRT's is CE's)."""
+    def stage1(config: dict) -> dict:
+        method = REGISTRY.get(str(config.get("method")))
+        return _comparable(config, "linear.", *MOVABLE) | {"method": method.stage1 if method else config.get("method")}
+
+    return _differences(stage1(saved), stage1(flat))
 
 
 # Keys a finished run may differ in and still be the same run: where the data and the device were.
 MOVABLE = ("data.root", "data.num_workers", "device")
 
 
-def _check_same(path: Path, config: dict, *skip: str) -> None:
+def _differences(saved: dict, current: dict) -> list[str]:
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)]
+
+
+def _check_same(path: Path, config: dict) -> None:
+    """Refuse a folder holding a run of another configuration (where data and device are aside)."""
     saved = _saved_config(path)
     if saved is not None:
-        saved, current = _comparable(saved, *skip), _comparable(flatten_config(config), *skip)
-        diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-                 if saved.get(k) != current.get(k)]
-        if diffs:
+        if diffs := _differences(_comparable(saved, *MOVABLE), _comparable(flatten_config(config), *MOVABLE)):
             raise ConfigError(f"{path} holds a run of another configuration:\n  " + "\n  ".join(diffs)
                               + "\nuse another --out, or remove that folder")
 
@@ -365,7 +382,7 @@ def summarise(out: Path, combos: list[Combination], seeds: list[int], select: st
             r["selected"] = r is best
     out.mkdir(parents=True, exist_ok=True)
     stem = layout or "summary"
-    _write_csv(out / f"{stem}.csv", rows)
+    write_csv(out / f"{stem}.csv", rows, digits=3)
     atomic_write_text(out / f"{stem}.md", format_summary(rows, seeds, select) + "\n")
     if curves:
         from .analysis.figures import save_figure
@@ -406,15 +423,6 @@ def _epoch_seconds(path: Path) -> float | None:
     return sum(float(r["seconds"]) for r in rows if r.get("seconds")) or None
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows to CSV, atomically; floats to 3 decimals (accuracies are in %, times in seconds)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    writer.writeheader()
-    writer.writerows({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
 def _cell(mean, std, digits: int = 1) -> str:
     if mean is None:
         return "-"
@@ -451,9 +459,9 @@ def _write_curve(out: Path, key: str, values: list[str], rows: list[dict]) -> No
     except ValueError:
         return
     columns = ("overall", "many", "medium", "few")
-    _write_csv(out / "curve.csv", [{key: x, **{c: r[c] for c in columns},
-                                    **{f"{c}_std": r[f"{c}_std"] for c in columns}}
-                                   for x, r in zip(xs, rows)])
+    write_csv(out / "curve.csv", [{key: x, **{c: r[c] for c in columns},
+                                   **{f"{c}_std": r[f"{c}_std"] for c in columns}}
+                                  for x, r in zip(xs, rows)], digits=3)
     from .analysis.figures import pyplot
 
     fig, ax = pyplot().subplots(figsize=(6, 4))

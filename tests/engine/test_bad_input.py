@@ -71,9 +71,13 @@ def tiny(tiny_overrides, root, *extra):
     return [*tiny_overrides, "data.name=imagefolder", f"data.root={root}", "data.imbalance_ratio=null", *extra]
 
 
+def sets(overrides):
+    return [x for o in overrides for x in ("--set", o)]
+
+
 def run_cli(out, overrides, config=None):
     args = ["run", "--out", str(out)] + (["--config", str(config)] if config else [])
-    return main(args + [x for o in overrides for x in ("--set", o)])
+    return main(args + sets(overrides))
 
 
 def assert_refused(rc, err: str, out, *words):
@@ -281,3 +285,25 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, 
     monkeypatch.undo()
     assert ckpt.load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["pretrain_last.pt"]
+
+
+def test_resume_follows_moved_data_and_refuses_other_data(tmp_path, tiny_overrides, capsys):
+    # Bug caught: data.root was part of a run's identity, so a run could not go on after its
+    # data moved (another machine, another mount), nor a sweep reuse a stage 1 trained from
+    # another path to the same images; moving must still not let other images in.
+    first, out = image_folder(tmp_path / "first"), tmp_path / "run"
+    tiny_overrides += ["pretrain.epochs=1", "linear.epochs=1"]
+    assert main(["pretrain", "--out", str(out), *sets(tiny(tiny_overrides, first))]) == 0
+    stage1 = (out / "checkpoints" / "pretrain.pt").read_bytes()
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    assert main(["run", "--out", str(out), "--resume", *sets(tiny(tiny_overrides, moved))]) == 0, \
+        capsys.readouterr().err
+    assert (out / "results.json").is_file()
+    assert (out / "checkpoints" / "pretrain.pt").read_bytes() == stage1  # stage 1 went on, not again
+
+    other = image_folder(tmp_path / "other", train_per_class=3)
+    rc = main(["linear", "--out", str(out), *sets(tiny(tiny_overrides, other))])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "belongs to a different run" in err and "3 classes, 6 training images -> 3 classes, 9" in err, err

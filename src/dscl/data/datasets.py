@@ -74,6 +74,11 @@ class DataSplits:
         """Training images per class, the basis of the Many / Medium / Few groups."""
         return np.bincount(self.train.targets, minlength=self.num_classes).tolist()
 
+    @property
+    def signature(self) -> dict:
+        """What tells this data set apart wherever it lies: its classes and training images per class."""
+        return {"classes": list(self.classes), "train_counts": self.train_counts}
+
 
 def _synthetic(ratio: float, seed: int, options: dict | None, profile: str) -> DataSplits:
     options = dict(options or {})

@@ -12,7 +12,7 @@ from ..files import atomic_write_bytes
 from ..methods import REGISTRY
 
 # Keys of the config that define what a run IS; a resume that changes any of them is refused.
-IDENTITY_KEYS = ("method", "seed", "data.name", "data.root", "data.imbalance_ratio", "model.backbone",
+IDENTITY_KEYS = ("method", "seed", "data.name", "data.imbalance_ratio", "model.backbone",
                  "model.feature_dim", "pretrain.queue_size", "pretrain.batch_size", "pretrain.num_patches",
                  "linear.batch_size")
 
@@ -40,14 +40,15 @@ def _lookup(values: dict, dotted: str) -> Any:
     return values
 
 
-def config_differences(saved: dict, current: dict, stage: str | None = None) -> list[str]:
-    """Lines ``key: saved -> current`` for every identity key that differs. For a stage-1
-    checkpoint (``stage="pretrain"``) two methods that train the same stage 1 (ce and crt) match."""
+def config_differences(saved: dict, current: dict, stage: str | None = None, data_moved: bool = True) -> list[str]:
+    """Lines ``key: saved -> current`` for every identity key (and ``data.root`` unless ``data_moved``) that
+    differs. For a stage-1 checkpoint (``stage="pretrain"``) ce and crt, which train the same stage 1, match."""
+    keys = IDENTITY_KEYS if data_moved else (*IDENTITY_KEYS, "data.root")
     def value(config: dict, key: str):
         found = _lookup(config, key)
         if key == "method" and stage == "pretrain" and found in REGISTRY:
             return REGISTRY[found].stage1
         return found
 
-    return [f"{key}: {_lookup(saved, key)!r} -> {_lookup(current, key)!r}" for key in IDENTITY_KEYS
+    return [f"{key}: {_lookup(saved, key)!r} -> {_lookup(current, key)!r}" for key in keys
             if value(saved, key) != value(current, key)]

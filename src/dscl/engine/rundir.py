@@ -11,15 +11,13 @@ carries, so after a resume it holds exactly the epochs that were really complete
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 
 import yaml
 
 from ..errors import CheckpointError, ConfigError
-from ..files import atomic_write_text, write_json, write_yaml
+from ..files import write_csv, write_json, write_yaml
 from .checkpoint import config_differences, load_checkpoint, save_checkpoint
 
 FORMAT = 1
@@ -31,6 +29,7 @@ class RunDir:
         self.is_main = is_main
         self.metrics: list[dict] = []
         self.config: dict = {}
+        self.data: dict | None = None  # the data's DataSplits.signature, once loaded
         self._board = None  # the SummaryWriter, opened on first use
 
     def checkpoint(self, name: str) -> Path:
@@ -60,8 +59,7 @@ class RunDir:
                 saved = yaml.safe_load(saved_path.read_text()) or {}
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{saved_path}: unreadable: {exc}") from exc
-            diffs = config_differences(saved, config)
-            if diffs:
+            if diffs := config_differences(saved, config):
                 raise ConfigError(f"cannot resume {self.path}: the run there differs in\n  " + "\n  ".join(diffs))
         elif resume and self.path.exists() and any(self.path.iterdir()):
             raise ConfigError(f"{self.path} holds no dscl run to resume (no config.yaml)")
@@ -77,11 +75,18 @@ class RunDir:
 
     def save(self, path: Path, state: dict) -> None:
         if self.is_main:
-            save_checkpoint(path, {"format": FORMAT, "config": self.config, **state})
+            save_checkpoint(path, {"format": FORMAT, "config": self.config, **state,
+                                   **({} if self.data is None else {"data": self.data})})
 
     def load(self, path: Path) -> dict:
+        """The checkpoint at ``path``, unless of another run. Its data may move (``data.root``), not change
+        (classes, training images per class), except in one from before dscl recorded them."""
         state = load_checkpoint(path)
-        diffs = config_differences(state.get("config", {}), self.config, state.get("stage"))
+        data = state.get("data")
+        diffs = config_differences(state.get("config", {}), self.config, state.get("stage"), data is not None)
+        if data is not None and self.data is not None and data != self.data:
+            diffs.append("data: " + " -> ".join(f"{len(d['train_counts'])} classes, {sum(d['train_counts'])} "
+                                                f"training images" for d in (data, self.data)))
         if diffs:
             raise CheckpointError(f"{path} belongs to a different run:\n  " + "\n  ".join(diffs))
         return state
@@ -124,14 +129,8 @@ class RunDir:
 
     def write_metrics(self) -> None:
         """metrics.csv from the rows held (e.g. a reused stage 1's, which no epoch here adds)."""
-        if not self.is_main:
-            return
-        columns = list(dict.fromkeys(k for r in self.metrics for k in r))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(self.metrics)
-        atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
+        if self.is_main:
+            write_csv(self.path / "metrics.csv", self.metrics)
 
     def log(self, message: str) -> None:
         if not self.is_main:

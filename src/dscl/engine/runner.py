@@ -42,7 +42,7 @@ def run(cfg: Config, out: str | Path, rt: Runtime, *, stages=STAGES, resume: boo
     run_dir.write_config()
     tic = time.perf_counter()
     splits = load_data(cfg)
-    counts = splits.train_counts
+    counts, run_dir.data = splits.train_counts, splits.signature  # checkpoints hold it: the data may move
     per_class = (", ".join(map(str, counts)) if len(counts) <= 20 else f"{max(counts)} to {min(counts)}")
     run_dir.log(f"data {cfg.data.name}: {len(splits.train)} train / "
                 f"{len(splits.val) if splits.val is not None else 0} val / {len(splits.test)} test images, "
