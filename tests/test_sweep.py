@@ -60,11 +60,17 @@ def test_two_by_two_grid_two_seeds_then_a_second_call_runs_nothing(tmp_path, tin
     assert main(other) != 0
     assert "holds a run of another configuration" in capsys.readouterr().err
     assert (out / "summary.csv").read_text() == before
-    # a later grid under the same --out that changes only stage 2 reuses those stage-1 runs
+    # a later grid under the same --out that changes only stage 2 reuses those stage-1 runs, also
+    # when the data has moved since (data.root; the synthetic set is the same anywhere)
     monkeypatch.undo()
-    assert main(sweep_args(out, tiny_overrides, "method=scl", "linear.augment=false")) == 0
+    moved = tiny_overrides + ["data.root=moved"]
+    assert main(sweep_args(out, moved, "method=scl", "linear.augment=false")) == 0
     log = (out / "method-scl_linear.augment-false" / "seed0" / "log.txt").read_text()
     assert "stage 1 reused from" in log and "stage=pretrain" not in log
+    # and a run killed before its results goes on where its data now is
+    (out / "method-scl_linear.augment-false" / "seed1" / "results.json").unlink()
+    assert main(sweep_args(out, moved, "method=scl", "linear.augment=false")) == 0
+    assert (out / "method-scl_linear.augment-false" / "seed1" / "results.json").is_file()
 
 
 def test_a_failed_run_is_recorded_and_not_retried(tmp_path, tiny_overrides, monkeypatch):
