@@ -7,7 +7,7 @@ computes regenerates them: ``DSCL_REGENERATE=1 pytest tests/engine/test_regressi
 says so in its commit.
 
 Guards against: a refactor that silently changes a loss, a model, the views, the sampler order
-or the stage-2 selection of any method (accuracies compared exactly, weights to 1e-5).
+or the stage-2 selection of any method (accuracies compared exactly, weights to TOLERANCE).
 """
 
 import json
@@ -35,6 +35,10 @@ CASES = {
                                "pretrain.reweight=effective_number"],
     "dscl+pbsd-3-experts": ["method=dscl+pbsd", "model.experts=3"],
 }
+# Stage 1's weights agree to 1e-5 across CPUs; stage 2 standardises the features of a one-epoch
+# encoder, whose small per-feature spreads magnify those float differences (2.7e-4 relative on
+# the PBSD cases between two x86 machines, both runs otherwise identical), hence 1e-3 there.
+TOLERANCE = {"pretrain": 1e-5, "linear_best": 1e-3}
 KEYS = ("overall", "many", "medium", "few", "val_top1", "per_class", "stage2", "experts")
 
 
@@ -78,4 +82,4 @@ def test_a_tiny_run_computes_what_it_computed_before(case, tmp_path):
     assert got["results"] == want["results"]
     assert got["weights"].keys() == want["weights"].keys()
     for name, values in want["weights"].items():
-        assert got["weights"][name] == pytest.approx(values, rel=1e-5), name
+        assert got["weights"][name] == pytest.approx(values, rel=TOLERANCE[name]), name
