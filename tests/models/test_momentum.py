@@ -152,3 +152,42 @@ def test_grouped_affine_gives_the_per_layer_repeats_bit_for_bit():
             cached = model.key_features(x)
         assert torch.equal(cached, plain)
     assert all(getattr(m, "repeated", None) is None for m in model.key_encoder.modules())
+
+
+def _buffers(model):
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("frozen_early", [False, True])
+def test_counted_once_moves_every_counter_as_the_per_layer_increments_do(monkeypatch, frozen_early):
+    # Bugs caught: a counter moved twice, or moved where the layer did not count (the patch pass,
+    # the key encoder, layers in eval mode, a layer whose momentum is None and reads its count),
+    # a counter left as None after the forward, counters moved by a forward that failed.
+    import contextlib
+
+    from dscl.models import momentum
+
+    def one_step(model):
+        torch.manual_seed(1)
+        out = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 2, 3, 16, 16),
+                    torch.tensor([[[0.0, 0.0, 16.0, 16.0], [8.0, 8.0, 24.0, 24.0]]] * 4))
+        return out.query, _buffers(model)
+
+    model = small_model().train()
+    model.encoder.bn1.momentum = None  # a cumulative average: its forward reads the counter
+    if frozen_early:
+        model.encoder.freeze_early_stages()
+    reference = copy.deepcopy(model)
+    query, buffers = one_step(model)
+    monkeypatch.setattr(momentum, "counted_once", lambda module: contextlib.nullcontext())
+    query_ref, buffers_ref = one_step(reference)
+    assert torch.equal(query, query_ref)
+    assert buffers.keys() == buffers_ref.keys()
+    assert all(torch.equal(buffers[name], buffers_ref[name]) for name in buffers)
+    assert int(buffers["encoder.layer3.0.bn1.num_batches_tracked"]) == 1
+    assert int(buffers["encoder.layer1.0.bn1.num_batches_tracked"]) == (0 if frozen_early else 1)
+
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError), momentum.counted_once(model.encoder):
+        model.encoder(torch.randn(4, 5, 32, 32))  # wrong channel count: fails inside the pass
+    assert all(torch.equal(b, buffers[name]) for name, b in _buffers(model).items())

@@ -26,7 +26,7 @@ from ..losses import (decoupled_supcon_loss, effective_number_weights, log_prior
                       logit_adjusted_loss, patch_distillation_loss)
 from ..progress import progress
 from ..models import (Classifier, ContrastOutput, LabelledQueue, MomentumContrast, MultiExpertContrast, build_backbone,
-                      build_multi_expert_backbone)
+                      build_multi_expert_backbone, counted_once)
 from .distributed import Runtime, all_gather_cat
 from .loaders import EpochBatches, shuffled_order, steps_per_epoch
 from .rundir import RunDir
@@ -96,7 +96,7 @@ def stage1_losses(model: nn.Module, batch, cfg: Config, device: torch.device, *,
     views, labels = batch
     labels = labels.to(device, non_blocking=True)
     if not cfg.method_spec.contrastive:
-        with autocast(cfg, device):
+        with autocast(cfg, device), counted_once(unwrap(model)):
             logits = model(to_device(views, device, cfg)).float()
         loss = (F.cross_entropy(logits, labels) if log_pi is None
                 else logit_adjusted_loss(logits, labels, log_pi, cfg.pretrain.la_tau))

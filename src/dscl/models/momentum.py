@@ -174,7 +174,8 @@ class MomentumContrast(nn.Module):
     def forward(self, query_view: Tensor, key_view: Tensor, patches: Tensor | None = None,
                 boxes: Tensor | None = None) -> ContrastOutput:
         """query_view, key_view: (B, 3, S, S); patches: (B, L, 3, P, P); boxes: (B, L, 4) in g1 pixels."""
-        maps = self.feature_maps(self.encoder, query_view)  # u: (B, C, h, w), one per head
+        with counted_once(self.encoder):
+            maps = self.feature_maps(self.encoder, query_view)  # u: (B, C, h, w), one per head
         queries = self._project(maps)
         with torch.no_grad():
             self.momentum_update()
@@ -235,6 +236,28 @@ def frozen_running_stats(module: nn.Module):
     finally:
         for m, value in zip(norms, saved):
             m.track_running_stats = value
+
+
+@contextlib.contextmanager
+def counted_once(module: nn.Module):
+    """For a training forward in which every BatchNorm of ``module`` runs once (one pass of an
+    encoder): their batch counters (``num_batches_tracked``) move by one in a single operator
+    after it rather than one operator per layer (a kernel launch each on a GPU); the same
+    counts. Layers with ``momentum=None`` keep their own, their forward reads it."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats and m.momentum is not None and m.num_batches_tracked is not None]
+    if not norms or torch.compiler.is_compiling():  # a compiled step fuses the increments anyway
+        yield
+        return
+    counters = [m.num_batches_tracked for m in norms]
+    for m in norms:
+        m.num_batches_tracked = None
+    try:
+        yield
+    finally:
+        for m, counter in zip(norms, counters):
+            m.num_batches_tracked = counter
+    torch._foreach_add_(counters, 1)
 
 
 def _shuffle(x: Tensor):
