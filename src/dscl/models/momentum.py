@@ -228,14 +228,8 @@ def frozen_running_stats(module: nn.Module):
     forward is the one batch-norm kernel, without the count's increment (one operator per layer
     fewer than momentum 0, same outputs and statistics)."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.track_running_stats for m in norms]
-    for m in norms:
-        m.track_running_stats = False
-    try:
+    with _attribute_set(norms, "track_running_stats", False):
         yield
-    finally:
-        for m, value in zip(norms, saved):
-            m.track_running_stats = value
 
 
 @contextlib.contextmanager
@@ -249,15 +243,23 @@ def counted_once(module: nn.Module):
     if not norms or torch.compiler.is_compiling():  # a compiled step fuses the increments anyway
         yield
         return
-    counters = [m.num_batches_tracked for m in norms]
-    for m in norms:
-        m.num_batches_tracked = None
-    try:
+    with _attribute_set(norms, "num_batches_tracked", None) as counters:
         yield
+    torch._foreach_add_(counters, 1)  # not reached when the pass raised
+
+
+@contextlib.contextmanager
+def _attribute_set(modules: list, name: str, value):
+    """Sets ``name`` to ``value`` on every module for the duration; yields the values it
+    replaced and puts them back afterwards, also on an error."""
+    saved = [getattr(m, name) for m in modules]
+    for m in modules:
+        setattr(m, name, value)
+    try:
+        yield saved
     finally:
-        for m, counter in zip(norms, counters):
-            m.num_batches_tracked = counter
-    torch._foreach_add_(counters, 1)
+        for m, old in zip(modules, saved):
+            setattr(m, name, old)
 
 
 def _shuffle(x: Tensor):
