@@ -31,7 +31,7 @@ TABLES = [
     ("docs/RESULTS.md", "**Measured so far: seeds 0 and 1", {
         "ce (end to end)": (TINY / "method-ce", False), "ce + post-hoc": (TINY / "method-ce", True),
         "crt": (TINY / "method-crt", False), "ce-la": (TINY / "method-ce-la", False),
-        "dscl (alpha 0.3": (TINY / "method-dscl", False),
+        "dscl (alpha 0.3": (TINY / "method-dscl", False), "dscl (bf16": (TINY / "bf16/method-dscl", False),
         "crt, logit-adjusted": (TINY / "method-crt_linear.rebalance-loss", False),
         "dscl, logit-adjusted": (TINY / "method-dscl_linear.rebalance-loss", False),
         "scl (bf16": (TINY / "bf16/method-scl", False),
