@@ -1,10 +1,11 @@
+import contextlib
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dscl.models import GroupedBatchNorm2d, MomentumContrast, build_backbone
+from dscl.models import GroupedBatchNorm2d, MomentumContrast, build_backbone, momentum
 
 
 def small_model(queue_size=32, groups=4):
@@ -163,10 +164,6 @@ def test_counted_once_moves_every_counter_as_the_per_layer_increments_do(monkeyp
     # Bugs caught: a counter moved twice, or moved where the layer did not count (the patch pass,
     # the key encoder, layers in eval mode, a layer whose momentum is None and reads its count),
     # a counter left as None after the forward, counters moved by a forward that failed.
-    import contextlib
-
-    from dscl.models import momentum
-
     def one_step(model):
         torch.manual_seed(1)
         out = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 2, 3, 16, 16),
