@@ -167,6 +167,7 @@ for x, y in torch.utils.data.DataLoader(data, batch_size=500):
 print(json.dumps({c: 100 * correct[c].item() / total[c].item() for c in kept}))
 """
 
+
 @pytest.fixture(scope="module")
 def real_test_splits(tmp_path_factory):
     """Each archive's test folder, extracted once, on first use."""
@@ -183,11 +184,10 @@ def real_test_splits(tmp_path_factory):
 
 @pytest.mark.parametrize("name", published_names())
 def test_published_weights_reproduce_their_test_accuracy_in_a_fresh_process(name, real_test_splits):
-    archive, folder, _ = split_for(name)
+    archive, folder, num_classes = split_for(name)
     if not (SHARED / archive).is_file():
         pytest.skip(f"real-data test: no ../shared/data/{archive} beside the repository (CI has one; "
                     "see shared/data/README.md)")
-    num_classes = split_for(name)[2]
     kept = sorted({0, num_classes // 3, 2 * num_classes // 3, num_classes - 1})  # head to tail
     proc = subprocess.run([sys.executable, "-c", FRESH, name, str(real_test_splits(archive, folder)),
                            ",".join(map(str, kept))], capture_output=True, text=True)
