@@ -151,3 +151,35 @@ def test_stage2_comparison_recomputes_from_its_run_files():
             assert parse_cell(cell)[0] == pytest.approx(runs[variant][key], abs=0.005 + 1e-9), f"{name} {column}"
         seen.add(name)
     assert seen == set(STAGE2)
+
+
+# RESULTS.md's Tiny-ImageNet-LT test split under blurs (benchmarks/sharpness_shift.py on the
+# shipped seed-0 weights): row label -> (weights name, figure, the run folder of its val column)
+SHARPNESS = {
+    "ce": ("tinyimagenet-lt-r100/ce", "overall", (TINY / "method-ce", False)),
+    "ce + post-hoc logit adjustment": ("tinyimagenet-lt-r100/ce", "posthoc_la", (TINY / "method-ce", True)),
+    "ce-la": ("tinyimagenet-lt-r100/ce-la", "overall", (TINY / "method-ce-la", False)),
+    "crt": ("tinyimagenet-lt-r100/crt", "overall", (TINY / "method-crt", False)),
+    "dscl": ("tinyimagenet-lt-r100/dscl", "overall", (TINY / "method-dscl", False)),
+    "dscl + pbsd": ("tinyimagenet-lt-r100/dscl-pbsd", "overall", (TINY / "bf16/method-dscl-pbsd", False)),
+}
+
+
+def test_sharpness_table_recomputes_from_its_output():
+    lines = (TINY / "sharpness-shift" / "blur-curve.jsonl").read_text().splitlines()
+    measured = {(row["run"], row["sigma"]): row for row in map(json.loads, lines) if "run" in row}
+    seen = set()
+    for row in table_after("docs/RESULTS.md", "**The test split is sharper than the training images", "seed 0"):
+        name = row["seed 0"].split(" (")[0]
+        weights, figure, val_run = SHARPNESS[name]
+        for column, cell in row.items():
+            if column == "seed 0" or not cell:
+                continue
+            if column == "val":
+                expected = run_figures(val_run[0], 0, val_run[1])["val_top1"]
+            else:
+                sigma = 0.0 if column == "test as it is" else float(column.split()[1])
+                expected = measured[weights, sigma][figure]
+            assert abs(parse_cell(cell)[0] - expected) <= 0.05 + 1e-9, f"{name}, {column}: {cell} against {expected}"
+        seen.add(name)
+    assert seen == set(SHARPNESS)
