@@ -5,13 +5,13 @@
 First it prints the mean absolute difference between neighbouring pixels (of the grey image, in
 0-255 units) over the images of each split of the first run's data set: training, validation and
 test (and test under each blur), and how many classes have sharper test images than training
-images. Then, for each RUN (a
-run folder or published weights), the test top-1 (overall, Many / Medium / Few) with the test
-images blurred by a Gaussian of each sigma in pixels (0: as they are) before the run's own
-evaluation transform, and the same with post-hoc logit adjustment, tau chosen on the (unblurred)
-validation split. A blur that brings the test images' sharpness to the training images' is the
-one to read; a method whose accuracy moves a lot with it depends on a property of the images that
-the test split does not share with the training split. One JSON line per run and sigma.
+images. Then, for each RUN (a run folder or published weights), the test top-1 (overall, Many /
+Medium / Few) with the test images blurred by a Gaussian of each sigma in pixels (0: as they are)
+before the run's own evaluation transform, and the same with post-hoc logit adjustment, tau
+chosen on the (unblurred) validation split. A blur that brings the test images' sharpness to the
+training images' is the one to read; a method whose accuracy moves a lot with it depends on a
+property of the images that the test split does not share with the training split. One JSON line
+per run and sigma.
 ``--splits-only``: the first line only (a run folder without weights will do).
 """
 
@@ -90,9 +90,15 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 2)  # a group with no class has no accuracy
 
 
-def blur_curve(run_dir: str, data_root: str | None, sigmas: list[float]):
+def run_config(run_dir: str, data_root: str | None):
+    """The config a run was trained with, its data where ``data_root`` says it lies now."""
     _, saved = read_run(run_dir)
-    cfg = load_config(base=saved.to_dict(), overrides=[f"data.root={data_root}"] if data_root else [])
+    return load_config(base=saved.to_dict(), overrides=[f"data.root={data_root}"] if data_root else [])
+
+
+def blur_curve(run_dir: str, data_root: str | None, sigmas: list[float]):
+    """One row per sigma: the run's test top-1 with the test images blurred by it."""
+    cfg = run_config(run_dir, data_root)
     model, splits = load(run_dir), load_data(cfg)
     counts = model.card.get("train_counts") or splits.train_counts
 
@@ -119,9 +125,7 @@ def main() -> None:
     parser.add_argument("--sigmas", nargs="+", type=float, default=[0.0, 0.3, 0.45, 0.6])
     parser.add_argument("--splits-only", action="store_true", help="the splits' sharpness, no classifier")
     args = parser.parse_args()
-    _, saved = read_run(args.runs[0])
-    cfg = load_config(base=saved.to_dict(), overrides=[f"data.root={args.data_root}"] if args.data_root else [])
-    print(json.dumps(split_sharpness(load_data(cfg), args.sigmas)), flush=True)
+    print(json.dumps(split_sharpness(load_data(run_config(args.runs[0], args.data_root)), args.sigmas)), flush=True)
     for run_dir in [] if args.splits_only else args.runs:
         for row in blur_curve(run_dir, args.data_root, args.sigmas):
             print(json.dumps(row), flush=True)
