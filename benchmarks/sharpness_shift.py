@@ -18,6 +18,7 @@ per run and sigma.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import numpy as np
@@ -27,8 +28,9 @@ from PIL import Image, ImageFilter
 from dscl.config import load_config
 from dscl.engine.evaluate import accuracy_report, posthoc_logit_adjustment, predict_logits
 from dscl.engine.runner import load_data
-from dscl.engine.trained import load, read_run
+from dscl.engine.trained import load
 from dscl.engine.views import split_loader
+from dscl.weights import run_folder
 
 
 class Blurred(torch.utils.data.Dataset):
@@ -41,8 +43,14 @@ class Blurred(torch.utils.data.Dataset):
         self.dataset, self.sigma, self.targets = dataset, sigma, list(dataset.targets)
         if hasattr(dataset, "paths"):
             self.paths = dataset.paths
-        if hasattr(dataset, "data"):
-            self.data = np.stack([np.asarray(self[i][0]) for i in range(len(self))])
+
+    @functools.cached_property
+    def data(self) -> np.ndarray:
+        """(N, H, W, 3) blurred images, only where the split holds its own in memory (else no
+        such attribute), built on first use."""
+        if not hasattr(self.dataset, "data"):
+            raise AttributeError("data")
+        return np.stack([np.asarray(self[i][0]) for i in range(len(self))])
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -92,8 +100,7 @@ def _rounded(value: float | None) -> float | None:
 
 def run_config(run_dir: str, data_root: str | None):
     """The config a run was trained with, its data where ``data_root`` says it lies now."""
-    _, saved = read_run(run_dir)
-    return load_config(base=saved.to_dict(), overrides=[f"data.root={data_root}"] if data_root else [])
+    return load_config(run_folder(run_dir) / "config.yaml", [f"data.root={data_root}"] if data_root else [])
 
 
 def blur_curve(run_dir: str, data_root: str | None, sigmas: list[float]):
